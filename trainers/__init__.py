@@ -1,0 +1,1 @@
+"""Everything inside one training process: data, augmentation, model, methods, loop, evaluation."""

@@ -1,0 +1,260 @@
+"""Training configuration: frozen dataclasses loaded from YAML and validated on load.
+
+Every error names the file and the dotted key, and says what was expected, before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or out of range."""
+
+
+EVAL_MODES = ("original", "center_crop", "sliding_window")
+CRITERIA = ("ce", "ohem")
+LR_SCALING = ("keep_global_batch", "linear")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"
+    """Key of `trainers.datasets.DATASETS` (pascal, cityscapes, coco, synthetic)."""
+    root: str = "data/synthetic"
+    """Dataset root; split files list paths relative to it."""
+    split: str = "1_16"
+    """Split name: a folder with labeled.txt and unlabeled.txt."""
+    split_dir: str | None = None
+    """Explicit split folder; default: the shipped published splits, or <root>/splits/<split>."""
+    val_list: str | None = None
+    """Explicit val list; default: the shipped val.txt, or <root>/splits/val.txt."""
+    num_classes: int | None = None
+    """Overrides the dataset's class count (synthetic datasets choose theirs)."""
+    crop_size: int = 321
+    eval_mode: str | None = None
+    """original | center_crop | sliding_window; default: the dataset's."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "crop_size", "data")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+        if self.num_classes is not None:
+            _positive(self, "num_classes", "data")
+        if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
+            raise ConfigError(f"data.eval_mode: expected one of {EVAL_MODES}, got {self.eval_mode!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet101"
+    """resnet50 | resnet101 | xception65 | tiny."""
+    pretrained: str | None = None
+    """Backbone weights file (UniMatch or torchvision format); null trains from scratch."""
+    dilations: tuple[int, int, int] = (6, 12, 18)
+    """ASPP atrous rates at output stride 16."""
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "mspl"
+    """supervised | fixmatch | unimatch | mspl."""
+    conf_thresh: float = 0.95
+    criterion: str = "ce"
+    """Labeled loss: ce, or ohem (Cityscapes)."""
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 200_000
+    cutout_view_normalized: bool = False
+    """Corrects the quirk: ImageNet-normalize the cutout view like every other view."""
+    xfp_same_image: bool = False
+    """Corrects the quirk: loss_xfp compares the clean and perturbed predictions of one image."""
+    independent_mix_batch: bool = False
+    """Corrects the quirk: draw the CutMix source batch u' from an independent permutation."""
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"method.criterion: expected one of {CRITERIA}, got {self.criterion!r}")
+        if not 0.0 <= self.conf_thresh <= 1.0:
+            raise ConfigError(f"method.conf_thresh: expected a value in [0, 1], got {self.conf_thresh}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 200
+    batch_size: int = 2
+    """Images per worker per step, labeled and unlabeled each."""
+    lr: float = 0.001
+    """Backbone learning rate at the reference global batch."""
+    lr_multi: float = 10.0
+    """Head learning rate = lr * lr_multi."""
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    reference_global_batch: int = 8
+    """Global batch the lr was tuned for (the seed: 4 GPUs x 2)."""
+    lr_scaling: str = "linear"
+    """linear: lr scales with global batch / reference; keep_global_batch: per-worker batch adapts."""
+    max_iters_per_epoch: int | None = None
+    """Caps an epoch (for demos and tests); null = one pass over the unlabeled set."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "reference_global_batch"):
+            _positive(self, key, "optim")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: expected > 0, got {self.lr}")
+        if self.lr_scaling not in LR_SCALING:
+            raise ConfigError(f"optim.lr_scaling: expected one of {LR_SCALING}, got {self.lr_scaling!r}")
+        if self.max_iters_per_epoch is not None:
+            _positive(self, "max_iters_per_epoch", "optim")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    out_dir: str = "runs/default"
+    """Checkpoints (latest.pth, best.pth) and logs of this run."""
+    log_interval: int = 20
+    """Iterations between loss read-backs and log lines."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (for checkpoints and tracking)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _positive(obj: Any, key: str, section: str) -> None:
+    value = getattr(obj, key)
+    if value <= 0:
+        raise ConfigError(f"{section}.{key}: expected > 0, got {value}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from nested plain data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{key}: unknown key (expected one of {sorted(names)})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) and hint is not bool or not isinstance(value, hint):
+            hint_text = " (quote it: YAML reads 1_16 as the number 116)" if hint is str else ""
+            raise ConfigError(
+                f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__}){hint_text}"
+            )
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, naming the file in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `override` into a copy of `base`."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load and validate a training config file, with optional nested overrides."""
+    data = merge(load_yaml(path), overrides or {})
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn `optim.epochs=3` into {"optim": {"epochs": 3}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    dotted, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw)
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Fail before any compute when a configured path does not exist."""
+    checks = [("data.root", cfg.data.root, "a dataset folder")]
+    if cfg.data.split_dir:
+        checks.append(("data.split_dir", cfg.data.split_dir, "a folder with labeled.txt and unlabeled.txt"))
+    if cfg.data.val_list:
+        checks.append(("data.val_list", cfg.data.val_list, "a val list file"))
+    if cfg.model.pretrained:
+        checks.append(
+            ("model.pretrained", cfg.model.pretrained, "a backbone weights file (or null to train from scratch)")
+        )
+    for key, value, what in checks:
+        if not Path(value).exists():
+            raise ConfigError(f"{key}: {value!r} does not exist (expected {what})")
