@@ -1,0 +1,68 @@
+"""The one module of trainers/ that talks to torch.distributed.
+
+Whoever launches the processes (Ray Train, torchrun, or nobody) sets up the process group;
+the trainer reads rank and world size from it and works unchanged in one plain process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def context(use_gpu: bool | None = None) -> DistContext:
+    """Rank, world size and device of this process (world 1 without a process group)."""
+    gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(torch.cuda.current_device()) if gpu else 0
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device("cuda", local) if gpu else torch.device("cpu")
+    return DistContext(rank, world, local, device)
+
+
+def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """DDP on more than one process; SyncBatchNorm on GPUs (it does not run on CPU/gloo)."""
+    if ctx.world_size == 1:
+        return model
+    if ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[ctx.device.index])
+    return DistributedDataParallel(model)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (identity in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over all processes."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return all_reduce_sum(tensor) / world
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
