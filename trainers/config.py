@@ -57,7 +57,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet101"
-    """resnet50 | resnet101 | xception65 | tiny."""
+    """resnet50 | resnet101 (deep stem) | resnet50_tv | resnet101_tv (7x7 stem) | xception65 | tiny."""
     pretrained: str | None = None
     """Backbone weights file (UniMatch or torchvision format); null trains from scratch."""
     dilations: tuple[int, int, int] = (6, 12, 18)
@@ -186,7 +186,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool):
@@ -253,7 +253,11 @@ def check_paths(cfg: TrainConfig) -> None:
         checks.append(("data.val_list", cfg.data.val_list, "a val list file"))
     if cfg.model.pretrained:
         checks.append(
-            ("model.pretrained", cfg.model.pretrained, "a backbone weights file (or null to train from scratch)")
+            (
+                "model.pretrained",
+                cfg.model.pretrained,
+                "a backbone weights file (or null to train from scratch)",
+            )
         )
     for key, value, what in checks:
         if not Path(value).exists():

@@ -37,7 +37,9 @@ def scale(cfg: OptimConfig, world_size: int) -> Scaling:
     return Scaling(cfg.batch_size, global_batch, cfg.lr * global_batch / cfg.reference_global_batch)
 
 
-def build_optimizer(net: nn.Module, cfg: OptimConfig, lr: float, foreach: bool | None = None) -> torch.optim.SGD:
+def build_optimizer(
+    net: nn.Module, cfg: OptimConfig, lr: float, foreach: bool | None = None
+) -> torch.optim.SGD:
     """SGD: backbone parameters at `lr`, everything else at `lr * lr_multi` (group 1)."""
     backbone = [p for n, p in net.named_parameters() if n.startswith("backbone.")]
     head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny generated synthetic dataset, a tiny training config, a private loopback Ray."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainers.config import TrainConfig, from_dict, merge
+from trainers.synth import generate
+
+SYNTH_CLASSES = 3
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 train + 4 val images of 40 px, 3 classes; split 1_4 has 4 labeled and 12 unlabeled."""
+    return generate(tmp_path_factory.mktemp("synthetic"), 16, 4, 40, SYNTH_CLASSES, 0)
+
+
+@pytest.fixture
+def tiny_config(synthetic_root: Path, tmp_path: Path) -> Callable[..., TrainConfig]:
+    """Builds a seconds-long config on `synthetic_root` writing to tmp_path/run; kwargs override it."""
+
+    def make(**overrides: Any) -> TrainConfig:
+        base = {
+            "data": {
+                "dataset": "synthetic",
+                "root": str(synthetic_root),
+                "split": "1_4",
+                "crop_size": 32,
+                "num_workers": 0,
+                "num_classes": SYNTH_CLASSES,
+            },
+            "model": {"backbone": "tiny"},
+            "method": {"name": "supervised"},
+            "optim": {"epochs": 2, "batch_size": 2, "lr": 0.01, "max_iters_per_epoch": 2},
+            "out_dir": str(tmp_path / "run"),
+            "log_interval": 1,
+        }
+        return from_dict(TrainConfig, merge(base, overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A private 2-CPU Ray cluster on 127.0.0.1 for the session; yields its address."""
+    import ray
+    from semiseg import ray_local
+
+    # A report waits for the controller's poll, 2 s by default: most of a tiny test epoch.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+    address = ray_local.start_local(num_cpus=2)
+    yield address
+    ray.shutdown()

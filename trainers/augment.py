@@ -1,0 +1,302 @@
+"""Per-sample augmentation of UniMatch / MSPL: shared PIL geometry, then photometric ops on image tensors.
+
+Geometry works on PIL pairs `(image, mask) -> (image, mask)` and keeps mask values as class ids.
+The photometric ops are plain functions of a uint8 or [0, 1] float tensor, (3, H, W) or (B, 3, H, W),
+and of parameters drawn by `draw_photometric`, so a batched GPU path can reuse them unchanged.
+Randomness comes from Python's `random` and torch's global RNG (DataLoader workers seed both).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps
+
+from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE = 255
+UNLABELED_PAD = 254
+"""Mask fill of unlabeled crops, so that padding can later be told apart (-> ignore mask)."""
+SCALE_RANGE = (0.5, 2.0)
+BOX_AREA = (0.02, 0.4)
+BOX_ASPECT = (0.3, 1 / 0.3)
+JITTER_P, GRAYSCALE_P, BLUR_P, BOX_P, CUTOUT_P = 0.8, 0.2, 0.5, 0.5, 0.5
+JITTER = (0.5, 0.5, 0.5, 0.25)
+"""Colour jitter strengths: brightness, contrast, saturation, hue."""
+BLUR_SIGMA = (0.1, 2.0)
+
+Pair = tuple[Image.Image, Image.Image]
+
+
+# ---- geometry (PIL, image and mask together) ----
+
+
+def resize(image: Image.Image, mask: Image.Image, ratio_range: tuple[float, float] = SCALE_RANGE) -> Pair:
+    """Rescale so the long side becomes a random int in ratio_range x its size (aspect kept)."""
+    w, h = image.size
+    long_side = random.randint(int(max(h, w) * ratio_range[0]), int(max(h, w) * ratio_range[1]))
+    if h > w:
+        size = (int(w * long_side / h + 0.5), long_side)
+    else:
+        size = (long_side, int(h * long_side / w + 0.5))
+    return image.resize(size, Image.Resampling.BILINEAR), mask.resize(size, Image.Resampling.NEAREST)
+
+
+def crop(image: Image.Image, mask: Image.Image, size: int, mask_fill: int = IGNORE) -> Pair:
+    """Pad right/bottom up to `size` (image 0, mask `mask_fill`), then take a random size x size crop."""
+    w, h = image.size
+    border = (0, 0, max(size - w, 0), max(size - h, 0))
+    image = ImageOps.expand(image, border=border, fill=0)
+    mask = ImageOps.expand(mask, border=border, fill=mask_fill)
+    w, h = image.size
+    x, y = random.randint(0, w - size), random.randint(0, h - size)
+    box = (x, y, x + size, y + size)
+    return image.crop(box), mask.crop(box)
+
+
+def hflip(image: Image.Image, mask: Image.Image, p: float = 0.5) -> Pair:
+    """Mirror both left-right with probability p."""
+    if random.random() < p:
+        flip = Image.Transpose.FLIP_LEFT_RIGHT
+        return image.transpose(flip), mask.transpose(flip)
+    return image, mask
+
+
+def geometry(image: Image.Image, mask: Image.Image, crop_size: int, mask_fill: int) -> Pair:
+    """The geometry shared by labeled and unlabeled samples: resize, crop, flip."""
+    image, mask = resize(image, mask)
+    image, mask = crop(image, mask, crop_size, mask_fill)
+    return hflip(image, mask)
+
+
+# ---- boxes (CutMix and cutout) ----
+
+
+@dataclass(frozen=True)
+class Box:
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def mask(self, height: int, width: int) -> torch.Tensor:
+        """(height, width) int64 tensor, 1 inside the box."""
+        out = torch.zeros(height, width, dtype=torch.int64)
+        out[self.top : self.top + self.height, self.left : self.left + self.width] = 1
+        return out
+
+
+def draw_box(height: int, width: int, redraw_area: bool = False) -> Box:
+    """A box of area U(0.02, 0.4) x H x W and aspect h/w U(0.3, 1/0.3), wholly inside the image.
+
+    UniMatch's CutMix draws the area once and retries aspect and position until the box fits;
+    MSPL's cutout (`redraw_area=True`) redraws the area on every try as well.
+    """
+    area = random.uniform(*BOX_AREA) * height * width
+    while True:
+        if redraw_area:
+            area = random.uniform(*BOX_AREA) * height * width
+        aspect = random.uniform(*BOX_ASPECT)
+        box_w, box_h = int(math.sqrt(area / aspect)), int(math.sqrt(area * aspect))
+        x, y = random.randrange(width), random.randrange(height)
+        if x + box_w <= width and y + box_h <= height:
+            return Box(y, x, box_h, box_w)
+
+
+def cutmix_box(size: int, p: float = BOX_P) -> torch.Tensor:
+    """A (size, size) int64 0/1 CutMix mask; all zeros with probability 1 - p."""
+    if random.random() > p:
+        return torch.zeros(size, size, dtype=torch.int64)
+    return draw_box(size, size).mask(size, size)
+
+
+# ---- photometric ops (tensors; per-sample parameters) ----
+
+
+@dataclass(frozen=True)
+class Jitter:
+    order: tuple[int, ...]
+    """Order in which brightness (0), contrast (1), saturation (2) and hue (3) are applied."""
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """One strong view's random parameters; None / False = op not applied."""
+
+    jitter: Jitter | None
+    grayscale: bool
+    blur_sigma: float | None
+    cutout: Box | None
+
+
+def draw_jitter(strengths: tuple[float, float, float, float] = JITTER) -> Jitter:
+    """torchvision ColorJitter's law: factors U(1 - s, 1 + s), hue U(-s, s), ops in random order."""
+    b, c, s, h = strengths
+    order = tuple(random.sample(range(4), 4))
+    factor = random.uniform
+    return Jitter(order, factor(1 - b, 1 + b), factor(1 - c, 1 + c), factor(1 - s, 1 + s), factor(-h, h))
+
+
+def draw_photometric(height: int, width: int, cutout: bool) -> Photometric:
+    """Draw a strong view: jitter p=0.8, grayscale p=0.2, blur p=0.5, and (if `cutout`) cutout p=0.5."""
+    jitter = draw_jitter() if random.random() < JITTER_P else None
+    gray = random.random() < GRAYSCALE_P
+    sigma = random.uniform(*BLUR_SIGMA) if random.random() < BLUR_P else None
+    box = draw_box(height, width, redraw_area=True) if cutout and random.random() < CUTOUT_P else None
+    return Photometric(jitter, gray, sigma, box)
+
+
+def color_jitter(image: torch.Tensor, jitter: Jitter) -> torch.Tensor:
+    """Apply brightness, contrast, saturation and hue in the drawn order."""
+    ops = (
+        lambda x: TF.adjust_brightness(x, jitter.brightness),
+        lambda x: TF.adjust_contrast(x, jitter.contrast),
+        lambda x: TF.adjust_saturation(x, jitter.saturation),
+        lambda x: TF.adjust_hue(x, jitter.hue),
+    )
+    for index in jitter.order:
+        image = ops[index](image)
+    return image
+
+
+def grayscale(image: torch.Tensor) -> torch.Tensor:
+    """Luma copied to all three channels."""
+    return TF.rgb_to_grayscale(image, num_output_channels=3)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur with standard deviation `sigma` (PIL's GaussianBlur radius), kernel +-3 sigma."""
+    k = 2 * math.ceil(3 * sigma) + 1
+    return TF.gaussian_blur(image, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+def cutout(image: torch.Tensor, box: Box) -> torch.Tensor:
+    """A copy of `image` whose box holds uniform random values per pixel and channel.
+
+    MSPL draws U(0, 255) and truncates to uint8, i.e. integers 0..254; float images get them / 255.
+    """
+    out = image.clone()
+    region = out[..., box.top : box.top + box.height, box.left : box.left + box.width]
+    values = torch.randint(0, 255, region.shape, device=image.device)
+    region.copy_(values if not image.is_floating_point() else values / 255.0)
+    return out
+
+
+def photometric(image: torch.Tensor, params: Photometric) -> torch.Tensor:
+    """MSPL's strong-view order: jitter, grayscale, blur, cutout. Never modifies `image` in place."""
+    if params.jitter is not None:
+        image = color_jitter(image, params.jitter)
+    if params.grayscale:
+        image = grayscale(image)
+    if params.blur_sigma is not None:
+        image = gaussian_blur(image, params.blur_sigma)
+    if params.cutout is not None:
+        image = cutout(image, params.cutout)
+    return image
+
+
+def to_unit(image: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [0, 1] (torchvision's ToTensor scaling)."""
+    return image.float().div(255)
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """ImageNet mean/std normalization of a [0, 1] float image."""
+    return TF.normalize(image, list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+# ---- per-sample transforms and collation ----
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> (3, H, W) uint8 RGB tensor."""
+    return TF.pil_to_tensor(image.convert("RGB") if image.mode != "RGB" else image)
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """Mode L or P mask -> (H, W) int64 class ids (palette indices, not colours)."""
+    if mask.mode not in ("L", "P"):
+        raise ValueError(f"mask: expected a mode 'L' or 'P' image of class ids, got mode {mask.mode!r}")
+    return TF.pil_to_tensor(mask)[0].long()
+
+
+def labeled_transform(crop_size: int) -> Callable[[Image.Image, Image.Image], dict]:
+    """Labeled sample -> {"image": normalized (3, crop, crop), "mask": int64 (crop, crop), 255 = ignore}."""
+
+    def transform(image: Image.Image, mask: Image.Image) -> dict:
+        image, mask = geometry(image, mask, crop_size, IGNORE)
+        return {"image": normalize(to_unit(image_to_tensor(image))), "mask": mask_to_tensor(mask)}
+
+    return transform
+
+
+def unlabeled_transform(crop_size: int, views: ViewSpec) -> Callable[[Image.Image, Image.Image], dict]:
+    """Unlabeled sample -> the weak view, the strong views and boxes `views` asks for, the ignore mask."""
+
+    def transform(image: Image.Image, mask: Image.Image) -> dict:
+        image, mask = geometry(image, mask, crop_size, UNLABELED_PAD)
+        base = image_to_tensor(image)
+        strong, boxes = [], []
+        for _ in range(views.strong_views):
+            params = draw_photometric(crop_size, crop_size, cutout=views.cutout)
+            strong.append(normalize(to_unit(photometric(base, params))))
+            boxes.append(cutmix_box(crop_size))
+        cutout_view = None
+        if views.cutout_view:
+            view = to_unit(photometric(base, draw_photometric(crop_size, crop_size, cutout=True)))
+            # The published quirk: this view is only scaled to [0, 1] unless the switch corrects it.
+            cutout_view = normalize(view) if views.cutout_view_normalized else view
+        ignore = torch.where(mask_to_tensor(mask) == UNLABELED_PAD, IGNORE, 0)
+        return {
+            "weak": normalize(to_unit(base)),
+            "strong": strong,
+            "boxes": boxes,
+            "ignore": ignore,
+            "cutout_view": cutout_view,
+        }
+
+    return transform
+
+
+def eval_transform() -> Callable[[Image.Image, Image.Image], dict]:
+    """Whole image, no geometry -> {"image": normalized (3, H, W), "mask": int64 (H, W)}."""
+
+    def transform(image: Image.Image, mask: Image.Image) -> dict:
+        return {"image": normalize(to_unit(image_to_tensor(image))), "mask": mask_to_tensor(mask)}
+
+    return transform
+
+
+def collate_labeled(items: list[dict]) -> LabeledBatch:
+    """Stack labeled (or eval) samples into a LabeledBatch."""
+    return LabeledBatch(
+        image=torch.stack([item["image"] for item in items]),
+        mask=torch.stack([item["mask"] for item in items]),
+    )
+
+
+def collate_unlabeled(items: list[dict]) -> UnlabeledBatch:
+    """Stack unlabeled samples view by view into an UnlabeledBatch."""
+
+    def stack(key: str, index: int | None = None) -> torch.Tensor:
+        return torch.stack([item[key] if index is None else item[key][index] for item in items])
+
+    first = items[0]
+    return UnlabeledBatch(
+        weak=stack("weak"),
+        strong=[stack("strong", i) for i in range(len(first["strong"]))],
+        boxes=[stack("boxes", i) for i in range(len(first["boxes"]))],
+        ignore=stack("ignore"),
+        cutout_view=None if first["cutout_view"] is None else stack("cutout_view"),
+    )

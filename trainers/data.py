@@ -1,0 +1,95 @@
+"""DataLoaders for one training process: labeled, unlabeled, the CutMix source u', and val."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from trainers import augment
+from trainers.batch import ViewSpec
+from trainers.config import TrainConfig
+from trainers.datasets import PairDataset, SplitFiles, repeat_to
+from trainers.dist import DistContext
+
+
+@dataclass
+class Loaders:
+    labeled: DataLoader
+    unlabeled: DataLoader | None
+    mix: DataLoader | None
+    """u': the second unlabeled loader that supplies CutMix patches."""
+    val: DataLoader
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed every distributed sampler so each epoch has its own shuffle."""
+        for loader in (self.labeled, self.unlabeled, self.mix):
+            if loader is not None:
+                loader.sampler.set_epoch(epoch)
+
+    def iterations(self, cap: int | None) -> int:
+        """Steps in one epoch: one pass over the unlabeled set (labeled repeated to match)."""
+        n = len(self.labeled) if self.unlabeled is None else min(len(self.labeled), len(self.unlabeled))
+        return n if cap is None else min(n, cap)
+
+    def epoch(self) -> Iterator[tuple]:
+        """(labeled, unlabeled, mix) batches; None where the method needs no such batch."""
+        streams = [self.labeled, self.unlabeled, self.mix]
+        iterators = [iter(s) if s is not None else _nones() for s in streams]
+        return zip(*iterators, strict=False)
+
+
+def _nones() -> Iterator[None]:
+    while True:
+        yield None
+
+
+def build_loaders(
+    cfg: TrainConfig, split: SplitFiles, views: ViewSpec, ctx: DistContext, batch_size: int
+) -> Loaders:
+    """Build the loaders of one process; samplers shard by rank and reshuffle per epoch."""
+    root, crop = cfg.data.root, cfg.data.crop_size
+    n = len(split.unlabeled) if split.unlabeled else len(split.labeled)
+    labeled = PairDataset(root, repeat_to(split.labeled, n), augment.labeled_transform(crop))
+    common = dict(
+        batch_size=batch_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+
+    def sampler(dataset, seed):
+        return DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True)
+
+    labeled_loader = DataLoader(
+        labeled, sampler=sampler(labeled, cfg.seed), collate_fn=augment.collate_labeled, **common
+    )
+    unlabeled_loader = mix_loader = None
+    if views.strong_views:
+        # Unlabeled masks are never read (UniMatch does the same): only the padding matters.
+        unlabeled = PairDataset(
+            root, split.unlabeled, augment.unlabeled_transform(crop, views), with_masks=False
+        )
+        unlabeled_loader = DataLoader(
+            unlabeled, sampler=sampler(unlabeled, cfg.seed), collate_fn=augment.collate_unlabeled, **common
+        )
+        if views.mix_batch:
+            # The published loop zips the same loader twice: same sampler seed, so u' holds the
+            # same images as u in the same order (only augmented anew). The switch draws u'
+            # from an independent permutation instead.
+            mix_seed = cfg.seed + 1 if cfg.method.independent_mix_batch else cfg.seed
+            mix_loader = DataLoader(
+                unlabeled,
+                sampler=sampler(unlabeled, mix_seed),
+                collate_fn=augment.collate_unlabeled,
+                **common,
+            )
+    # Val is sharded without padding so no image is counted twice in the summed IoU.
+    val = PairDataset(root, split.val, augment.eval_transform())
+    val_shard = Subset(val, list(range(ctx.rank, len(val), ctx.world_size)))
+    val_loader = DataLoader(
+        val_shard, batch_size=1, num_workers=min(cfg.data.num_workers, 1), collate_fn=augment.collate_labeled
+    )
+    return Loaders(labeled_loader, unlabeled_loader, mix_loader, val_loader)

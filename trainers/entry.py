@@ -1,0 +1,66 @@
+"""What one process runs: train with automatic resume, or evaluate a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from trainers import augment, checkpoint
+from trainers.config import TrainConfig, from_dict
+from trainers.datasets import PairDataset, check_split_for_training, dataset_spec, resolve_split, voc_palette
+from trainers.evaluate import EvalResult, evaluate, save_prediction
+from trainers.loop import FitResult, Reporter, build_network, fit
+
+log = logging.getLogger(__name__)
+
+
+def train_local(cfg: TrainConfig, report: Reporter | None = None, progress: bool = True) -> FitResult:
+    """Train in this process, resuming from `<out_dir>/latest.pth` when it exists."""
+    state = checkpoint.load_resumable(Path(cfg.out_dir))
+    return fit(cfg, report=report, resume_state=state, progress=progress)
+
+
+@dataclass
+class CheckpointEval:
+    result: EvalResult
+    predictions: Path | None
+
+
+def evaluate_checkpoint(
+    path: Path, cfg: TrainConfig | None = None, out_dir: Path | None = None, mode: str | None = None
+) -> CheckpointEval:
+    """mIoU of a checkpoint on its val list; optionally writes palette prediction PNGs."""
+    state = checkpoint.load(path)
+    cfg = cfg or from_dict(TrainConfig, state["config"])
+    spec = dataset_spec(cfg.data)
+    split = resolve_split(cfg.data)
+    check_split_for_training(cfg.data.root, split, spec.num_classes, spec.ignore_index, val_only=True)
+    # The checkpoint holds the whole network: no backbone weights file is needed here.
+    net = build_network(replace(cfg, model=replace(cfg.model, pretrained=None)))
+    net.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = DataLoader(
+        PairDataset(cfg.data.root, split.val, augment.eval_transform()),
+        batch_size=1,
+        collate_fn=augment.collate_labeled,
+    )
+
+    def save(i: int, pred: torch.Tensor) -> None:
+        save_prediction(pred[0].cpu(), out_dir / (Path(split.val[i].image).stem + ".png"), voc_palette())
+
+    result = evaluate(
+        net.to(device),
+        loader,
+        mode or spec.eval_mode,
+        cfg.data.crop_size,
+        spec.num_classes,
+        spec.ignore_index,
+        device=device,
+        progress=True,
+        on_prediction=save if out_dir else None,
+    )
+    return CheckpointEval(result, out_dir)

@@ -1,0 +1,227 @@
+"""The one training loop: every method plugs in through `Method.step`; runs alone or under DDP."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pretrained.load import load_backbone_weights
+from trainers import checkpoint as ckpt
+from trainers import dist
+from trainers.config import TrainConfig
+from trainers.data import Loaders, build_loaders
+from trainers.datasets import check_split_for_training, dataset_spec, resolve_split
+from trainers.evaluate import EvalResult, evaluate
+from trainers.forward import Forwarder
+from trainers.methods import Method, build_method
+from trainers.model import DeepLabV3Plus
+from trainers.optim import Scaling, build_optimizer, poly_lr, scale, set_lr
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[dict[str, float], Path | None], None]
+"""Called on every rank after each epoch with the metrics and, on rank 0, the checkpoint file."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stops instead of writing a broken checkpoint."""
+
+
+@dataclass
+class FitResult:
+    best_miou: float
+    last_miou: float
+    epochs_run: list[int]
+    out_dir: Path
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def num_classes(cfg: TrainConfig) -> int:
+    """The class count of this config's dataset (overrides and synth.json applied)."""
+    return dataset_spec(cfg.data).num_classes
+
+
+def build_network(cfg: TrainConfig) -> DeepLabV3Plus:
+    """DeepLabV3+ for this config, with backbone weights loaded when a file is configured."""
+    net = DeepLabV3Plus(cfg.model.backbone, num_classes(cfg), tuple(cfg.model.dilations))
+    if cfg.model.pretrained:
+        load_backbone_weights(net.backbone, cfg.model.pretrained)
+    return net
+
+
+def fit(
+    cfg: TrainConfig,
+    report: Reporter | None = None,
+    resume_state: dict[str, Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train `cfg` from `resume_state` (or from scratch), evaluating and checkpointing every epoch."""
+    ctx = dist.context()
+    spec = dataset_spec(cfg.data)
+    classes = spec.num_classes
+    split = resolve_split(cfg.data)
+    check_split_for_training(cfg.data.root, split, classes, spec.ignore_index)
+
+    seed_everything(cfg.seed + ctx.rank)
+    method: Method = build_method(cfg.method, classes, spec.ignore_index)
+    net = build_network(cfg).to(ctx.device)
+    model = dist.wrap(Forwarder(net), ctx)
+    scaling = scale(cfg.optim, ctx.world_size)
+    optimizer = build_optimizer(net, cfg.optim, scaling.lr)
+    loaders = build_loaders(cfg, split, method.views, ctx, scaling.per_worker_batch)
+    iters = loaders.iterations(cfg.optim.max_iters_per_epoch)
+    total_iters = iters * cfg.optim.epochs
+
+    start_epoch, best = 0, 0.0
+    if resume_state is not None:
+        net.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start_epoch, best = resume_state["epoch"], resume_state["best_miou"]
+        ckpt.set_rng_state(resume_state["rng"])
+        log.info("resumed at epoch %d (best mIoU %.2f)", start_epoch, best)
+
+    out_dir = Path(cfg.out_dir)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.info(
+            "per-worker batch %d, global batch %d, lr %.6g (%s)",
+            scaling.per_worker_batch,
+            scaling.global_batch,
+            scaling.lr,
+            cfg.optim.lr_scaling,
+        )
+    epochs_run, last = [], 0.0
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        started = time.perf_counter()
+        loaders.set_epoch(epoch)
+        terms = train_epoch(
+            model, method, optimizer, loaders, cfg, scaling, epoch, iters, total_iters, progress
+        )
+        train_time = time.perf_counter() - started
+        result = evaluate(
+            net,
+            loaders.val,
+            spec.eval_mode,
+            cfg.data.crop_size,
+            classes,
+            spec.ignore_index,
+            reduce=dist.all_reduce_sum,
+            device=ctx.device,
+            progress=progress and ctx.is_main,
+        )
+        last, best = result.miou, max(best, result.miou)
+        epochs_run.append(epoch)
+        images = iters * scaling.global_batch * (2 if loaders.unlabeled is not None else 1)
+        metrics = epoch_metrics(epoch, result, terms, best, scaling, optimizer, images / train_time)
+        metrics["epoch_time"] = time.perf_counter() - started
+        path = None
+        if ctx.is_main:
+            state = {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "iteration": (epoch + 1) * iters,
+                "best_miou": best,
+                "miou": result.miou,
+                "config": cfg.to_dict(),
+                "rng": ckpt.rng_state(),
+                **(extra_state or {}),
+            }
+            path = ckpt.save_latest(state, out_dir)
+            if result.miou >= best:
+                ckpt.save(state, out_dir / ckpt.BEST)
+            log.info("epoch %d: mIoU %.2f (best %.2f), loss %.4f", epoch, result.miou, best, metrics["loss"])
+        if report is not None:
+            report(metrics, path)
+        dist.barrier()
+    return FitResult(best, last, epochs_run, out_dir)
+
+
+def epoch_metrics(
+    epoch: int,
+    result: EvalResult,
+    terms: dict[str, float],
+    best: float,
+    scaling: Scaling,
+    optimizer: torch.optim.Optimizer,
+    images_per_s: float,
+) -> dict[str, float]:
+    """The flat metric dict reported after each epoch."""
+    metrics = {"epoch": float(epoch), "miou": result.miou, "best_miou": best, **terms}
+    metrics.update({f"iou_{i}": v for i, v in enumerate(result.per_class)})
+    metrics.update(
+        lr=optimizer.param_groups[0]["lr"],
+        images_per_s=images_per_s,
+        per_worker_batch=float(scaling.per_worker_batch),
+        global_batch=float(scaling.global_batch),
+    )
+    return metrics
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    loaders: Loaders,
+    cfg: TrainConfig,
+    scaling: Scaling,
+    epoch: int,
+    iters: int,
+    total_iters: int,
+    progress: bool,
+) -> dict[str, float]:
+    """One epoch; returns each logged term averaged over the epoch (and across ranks)."""
+    ctx = dist.context()
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=iters, desc=f"epoch {epoch}", disable=not (progress and ctx.is_main), leave=False)
+    for i, (labeled, unlabeled, mix) in enumerate(loaders.epoch()):
+        if i == iters:
+            break
+        out = method.step(
+            model,
+            labeled.to(ctx.device, non_blocking=True),
+            unlabeled.to(ctx.device, non_blocking=True) if unlabeled is not None else None,
+            mix.to(ctx.device, non_blocking=True) if mix is not None else None,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        iteration = epoch * iters + i
+        set_lr(
+            optimizer,
+            poly_lr(scaling.lr, iteration + 1, total_iters, cfg.optim.poly_power),
+            cfg.optim.lr_multi,
+        )
+        for name, value in out.terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+        # Losses are read back only at the log interval: no host sync on every step.
+        if (i + 1) % cfg.log_interval == 0 or i + 1 == iters:
+            loss = float(sums["loss"]) / (i + 1)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(f"epoch {epoch} iteration {i}: loss is {loss}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.update(1)
+    bar.close()
+    names = sorted(sums)
+    stacked = dist.all_reduce_mean(
+        torch.stack([torch.as_tensor(sums[n], dtype=torch.float64) for n in names])
+    )
+    return {n: float(v) / iters for n, v in zip(names, stacked, strict=True)}
