@@ -21,11 +21,11 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("synthetic"), 16, 4, 40, SYNTH_CLASSES, 0)
 
 
-@pytest.fixture
-def tiny_config(synthetic_root: Path, tmp_path: Path) -> Callable[..., TrainConfig]:
-    """Builds a seconds-long config on `synthetic_root` writing to tmp_path/run; kwargs override it."""
+@pytest.fixture(scope="session")
+def make_tiny_config(synthetic_root: Path) -> Callable[..., TrainConfig]:
+    """Builds a seconds-long config on `synthetic_root` writing to `out_dir`; kwargs override it."""
 
-    def make(**overrides: Any) -> TrainConfig:
+    def make(out_dir: Path, **overrides: Any) -> TrainConfig:
         base = {
             "data": {
                 "dataset": "synthetic",
@@ -38,12 +38,18 @@ def tiny_config(synthetic_root: Path, tmp_path: Path) -> Callable[..., TrainConf
             "model": {"backbone": "tiny"},
             "method": {"name": "supervised"},
             "optim": {"epochs": 2, "batch_size": 2, "lr": 0.01, "max_iters_per_epoch": 2},
-            "out_dir": str(tmp_path / "run"),
+            "out_dir": str(out_dir),
             "log_interval": 1,
         }
         return from_dict(TrainConfig, merge(base, overrides))
 
     return make
+
+
+@pytest.fixture
+def tiny_config(make_tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> Callable[..., TrainConfig]:
+    """`make_tiny_config` writing to tmp_path/run."""
+    return lambda **overrides: make_tiny_config(tmp_path / "run", **overrides)
 
 
 @pytest.fixture(scope="session")

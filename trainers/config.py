@@ -67,7 +67,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "mspl"
-    """supervised | fixmatch | unimatch | mspl."""
+    """supervised | fixmatch | unimatch | mspl | u2pl | stpp | psmt."""
     conf_thresh: float = 0.95
     criterion: str = "ce"
     """Labeled loss: ce, or ohem (Cityscapes)."""
@@ -79,6 +79,10 @@ class MethodConfig:
     """Corrects the quirk: loss_xfp compares the clean and perturbed predictions of one image."""
     independent_mix_batch: bool = False
     """Corrects the quirk: draw the CutMix source batch u' from an independent permutation."""
+    weight_u: float | None = None
+    """Weight of the unlabeled loss (u2pl, psmt); null = the method's published default."""
+    teacher: str | None = None
+    """stpp: checkpoint of the frozen teacher that pseudo-labels; null = the supervised first stage."""
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:

@@ -62,6 +62,17 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor) / world
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics).
+
+    Plain per-process BatchNorm (gloo/CPU) lets running statistics drift apart; evaluating with
+    rank 0's makes the reported mIoU the mIoU of the checkpoint rank 0 saves.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, 0)
+
+
 def barrier() -> None:
     """Wait for every process (no-op in one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -14,14 +15,26 @@ from trainers.config import TrainConfig, from_dict
 from trainers.datasets import PairDataset, check_split_for_training, dataset_spec, resolve_split, voc_palette
 from trainers.evaluate import EvalResult, evaluate, save_prediction
 from trainers.loop import FitResult, Reporter, build_network, fit
+from trainers.methods.stpp import train_stages
 
 log = logging.getLogger(__name__)
 
 
+def train(
+    cfg: TrainConfig,
+    report: Reporter | None = None,
+    resume_state: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Run the configured method: one `fit`, or ST++'s stages (each resuming from its own folder)."""
+    if cfg.method.name == "stpp":
+        return train_stages(cfg, report=report, progress=progress)
+    return fit(cfg, report=report, resume_state=resume_state, progress=progress)
+
+
 def train_local(cfg: TrainConfig, report: Reporter | None = None, progress: bool = True) -> FitResult:
     """Train in this process, resuming from `<out_dir>/latest.pth` when it exists."""
-    state = checkpoint.load_resumable(Path(cfg.out_dir))
-    return fit(cfg, report=report, resume_state=state, progress=progress)
+    return train(cfg, report, checkpoint.load_resumable(Path(cfg.out_dir)), progress)
 
 
 @dataclass

@@ -82,9 +82,17 @@ def fit(
     seed_everything(cfg.seed + ctx.rank)
     method: Method = build_method(cfg.method, classes, spec.ignore_index)
     net = build_network(cfg).to(ctx.device)
-    model = dist.wrap(Forwarder(net), ctx)
+    forwarder = Forwarder(net)
+    # Method hook (optional): teachers and trainable extras, such as a projection head, built from the
+    # placed network. Extras join the wrapped module, so DDP averages their gradients too.
+    extra = method.setup(net) if hasattr(method, "setup") else None
+    if extra is not None:
+        forwarder.extra = extra
+    model = dist.wrap(forwarder, ctx)
     scaling = scale(cfg.optim, ctx.world_size)
     optimizer = build_optimizer(net, cfg.optim, scaling.lr)
+    if extra is not None:
+        optimizer.param_groups[1]["params"].extend(extra.parameters())
     loaders = build_loaders(cfg, split, method.views, ctx, scaling.per_worker_batch)
     iters = loaders.iterations(cfg.optim.max_iters_per_epoch)
     total_iters = iters * cfg.optim.epochs
@@ -94,7 +102,12 @@ def fit(
         net.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         start_epoch, best = resume_state["epoch"], resume_state["best_miou"]
+        if "method" in resume_state:
+            method.load_state_dict(resume_state["method"])
         ckpt.set_rng_state(resume_state["rng"])
+        if ctx.rank:
+            # The checkpoint holds rank 0's RNG; other ranks need their own augmentation streams.
+            seed_everything(cfg.seed + ctx.rank + 1009 * start_epoch)
         log.info("resumed at epoch %d (best mIoU %.2f)", start_epoch, best)
 
     out_dir = Path(cfg.out_dir)
@@ -115,6 +128,7 @@ def fit(
             model, method, optimizer, loaders, cfg, scaling, epoch, iters, total_iters, progress
         )
         train_time = time.perf_counter() - started
+        dist.broadcast_buffers(net)
         result = evaluate(
             net,
             loaders.val,
@@ -142,6 +156,7 @@ def fit(
                 "miou": result.miou,
                 "config": cfg.to_dict(),
                 "rng": ckpt.rng_state(),
+                **({"method": method.state_dict()} if hasattr(method, "state_dict") else {}),
                 **(extra_state or {}),
             }
             path = ckpt.save_latest(state, out_dir)
@@ -165,7 +180,7 @@ def epoch_metrics(
 ) -> dict[str, float]:
     """The flat metric dict reported after each epoch."""
     metrics = {"epoch": float(epoch), "miou": result.miou, "best_miou": best, **terms}
-    metrics.update({f"iou_{i}": v for i, v in enumerate(result.per_class)})
+    metrics.update({f"iou_{i}": 100.0 * v for i, v in enumerate(result.per_class)})
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         images_per_s=images_per_s,
@@ -205,6 +220,9 @@ def train_epoch(
         out.loss.backward()
         optimizer.step()
         iteration = epoch * iters + i
+        if hasattr(method, "after_step"):
+            # Method hook (optional): EMA teachers, memory queues and schedules follow the step count.
+            method.after_step(iteration + 1, iters, total_iters)
         set_lr(
             optimizer,
             poly_lr(scaling.lr, iteration + 1, total_iters, cfg.optim.poly_power),

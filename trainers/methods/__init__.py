@@ -41,10 +41,21 @@ class Method(Protocol):
 from trainers.config import MethodConfig  # noqa: E402
 from trainers.methods.fixmatch import FixMatch  # noqa: E402
 from trainers.methods.mspl import MSPL  # noqa: E402
+from trainers.methods.psmt import PSMT  # noqa: E402
+from trainers.methods.stpp import STPP  # noqa: E402
 from trainers.methods.supervised import Supervised  # noqa: E402
+from trainers.methods.u2pl import U2PL  # noqa: E402
 from trainers.methods.unimatch import UniMatch  # noqa: E402
 
-METHODS = {"supervised": Supervised, "fixmatch": FixMatch, "unimatch": UniMatch, "mspl": MSPL}
+METHODS = {
+    "supervised": Supervised,
+    "fixmatch": FixMatch,
+    "unimatch": UniMatch,
+    "mspl": MSPL,
+    "u2pl": U2PL,
+    "stpp": STPP,
+    "psmt": PSMT,
+}
 
 
 def build_method(cfg: MethodConfig, num_classes: int, ignore_index: int) -> Method:

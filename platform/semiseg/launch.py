@@ -1,0 +1,226 @@
+"""Run the trainer on 1..N Ray Train workers (TorchTrainer): gloo on CPU, NCCL + SyncBatchNorm on GPU.
+
+Each worker runs `train_worker`, which calls the plain-PyTorch `trainers.loop.fit`; Ray sets up the
+process group, and `fit` reads rank and world size from it. Every epoch rank 0's `latest.pth` is
+reported as a Ray checkpoint, so a restarted worker group (or the same launch run again) resumes from
+`ray.train.get_checkpoint()`.
+
+Storage: checkpoints and run state go to `<storage_path>/<name>`, by default `<out_dir>/ray` on this
+machine. On several nodes every worker must reach that path: pass shared storage (an NFS mount present
+at the same path on all nodes, or a URI such as s3://bucket/runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from trainers import checkpoint as ckpt
+from trainers.config import TrainConfig, from_dict
+from trainers.entry import train
+from trainers.loop import Reporter
+
+WORKER_CPUS = 0.99
+"""CPUs each CPU worker asks for: a whole core each, less a sliver for a Tune trial's driver function."""
+
+REPORTS = "ray_reports.jsonl"
+"""Rank 0 appends each epoch's metrics and its pid/node once reported, across restarts: what a fault cost."""
+
+
+class LaunchError(RuntimeError):
+    """The run cannot start as asked (placement, GPU, storage); raised before any worker starts."""
+
+
+def train_distributed(
+    cfg: TrainConfig,
+    workers: int,
+    use_gpu: bool = False,
+    storage_path: str | None = None,
+    name: str | None = None,
+    max_failures: int = 2,
+    callbacks: list[Any] | None = None,
+    cpus_per_worker: float = WORKER_CPUS,
+) -> Result:
+    """Train `cfg` on `workers` DDP workers through TorchTrainer, resuming from the run's latest checkpoint.
+
+    Needs a connected Ray cluster (`semiseg.ray_local.connect`). Relative paths in `cfg` are taken
+    from this process's working directory. `callbacks` go to RunConfig (e.g. a Tune trial's
+    `TuneReportCallback()`).
+    """
+    cfg = absolute_paths(cfg)
+    storage = storage_path or str(Path(cfg.out_dir) / "ray")
+    check_placement(workers, use_gpu, cpus_per_worker)
+    check_storage(storage)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=scaling_config(workers, use_gpu, cpus_per_worker),
+        run_config=RunConfig(
+            name=name or run_name(cfg),
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=checkpoint_config(),
+            callbacks=callbacks,
+        ),
+    )
+    return trainer.fit()
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its paths made absolute here: Ray workers run in a working directory of their own."""
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).resolve())
+
+    data = replace(
+        cfg.data,
+        root=absolute(cfg.data.root),
+        split_dir=absolute(cfg.data.split_dir),
+        val_list=absolute(cfg.data.val_list),
+    )
+    model = replace(cfg.model, pretrained=absolute(cfg.model.pretrained))
+    return replace(cfg, data=data, model=model, out_dir=absolute(cfg.out_dir))
+
+
+def scaling_config(workers: int, use_gpu: bool, cpus_per_worker: float = WORKER_CPUS) -> ScalingConfig:
+    """One GPU per worker on GPU; otherwise `cpus_per_worker` CPUs, so N workers fit on N cores."""
+    resources = {"GPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def checkpoint_config() -> CheckpointConfig:
+    """Keep the best checkpoint by val mIoU and the latest one.
+
+    Ray keeps the `num_to_keep` best-scoring checkpoints and never deletes the latest, so
+    num_to_keep=1 scored by mIoU leaves exactly best + latest (one folder when they coincide).
+    """
+    return CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="miou", checkpoint_score_order="max")
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """A name fixed by the (absolute) out_dir, so the same launch run again finds its checkpoints."""
+    out_dir = Path(cfg.out_dir).resolve()
+    return f"{out_dir.name}-{hashlib.sha1(str(out_dir).encode()).hexdigest()[:8]}"
+
+
+def placeable_workers(use_gpu: bool, cpus_per_worker: float = WORKER_CPUS) -> int:
+    """How many workers of this shape the live nodes of the cluster can hold at once."""
+    total = 0
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        resources = node["Resources"]
+        if use_gpu:
+            total += int(resources.get("GPU", 0.0))
+        else:
+            # Rounded so that 2 x 0.99 fits on 2.0 despite float error.
+            total += int(round(resources.get("CPU", 0.0) / cpus_per_worker, 6))
+    return total
+
+
+def check_placement(workers: int, use_gpu: bool, cpus_per_worker: float = WORKER_CPUS) -> None:
+    """Fail before starting workers if the cluster has no GPU or cannot place `workers` workers."""
+    if workers < 1:
+        raise LaunchError(f"workers: expected >= 1, got {workers}")
+    resources = ray.cluster_resources()
+    if use_gpu and resources.get("GPU", 0.0) < 1:
+        raise LaunchError(
+            f"--gpu: the Ray cluster has no GPU (its resources: CPU {resources.get('CPU', 0.0):g}, "
+            f"GPU 0); drop --gpu to train on CPU with gloo"
+        )
+    fits = placeable_workers(use_gpu, cpus_per_worker)
+    if workers > fits:
+        shape = "1 GPU" if use_gpu else f"{cpus_per_worker:g} CPU"
+        raise LaunchError(
+            f"workers: {workers} workers of {shape} each do not fit on the Ray cluster "
+            f"(CPU {resources.get('CPU', 0.0):g}, GPU {resources.get('GPU', 0.0):g}: room for {fits}); "
+            f"ask for at most {fits} or add nodes"
+        )
+
+
+def check_storage(storage: str) -> None:
+    """Fail before starting workers if a local storage path cannot be created and written."""
+    if "://" in storage:
+        return
+    path = Path(storage)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise LaunchError(f"storage_path: {storage!r} is not a writable folder ({exc})") from exc
+
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """What each Ray Train worker runs: the method's training, resumed from the run's checkpoint."""
+    cfg = from_dict(TrainConfig, config["config"])
+    result = train(
+        cfg, report=ray_reporter(Path(cfg.out_dir)), resume_state=resume_state(cfg), progress=False
+    )
+    return {"epochs_run": result.epochs_run, "best_miou": result.best_miou, "last_miou": result.last_miou}
+
+
+def resume_state(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The run's latest Ray checkpoint, else `<out_dir>/latest.pth` (an in-process run), else None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return ckpt.load_resumable(Path(cfg.out_dir))
+    with checkpoint.as_directory() as folder:
+        return ckpt.load(Path(folder) / ckpt.LATEST)
+
+
+def ray_reporter(out_dir: Path) -> Reporter:
+    """The `report` callback of `fit`: every rank reports the metrics; rank 0 adds its `latest.pth`."""
+
+    def report(metrics: dict[str, float], checkpoint_file: Path | None) -> None:
+        if checkpoint_file is None:
+            ray.train.report(metrics)
+            return
+        # A folder next to latest.pth, so the files are hard-linked rather than copied before upload.
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ray-report-") as folder:
+            for source in (checkpoint_file, checkpoint_file.with_suffix(".pth.sha256")):
+                if source.exists():
+                    _link_or_copy(source, Path(folder) / source.name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        _log_report(out_dir, metrics)
+
+    return report
+
+
+def _log_report(out_dir: Path, metrics: dict[str, float]) -> None:
+    where = {
+        "world_size": ray.train.get_context().get_world_size(),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "master_addr": os.environ.get("MASTER_ADDR"),
+    }
+    with open(out_dir / REPORTS, "a") as f:
+        f.write(json.dumps({**metrics, **where}) + "\n")
+
+
+def read_reports(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The lines rank 0 wrote to `<out_dir>/ray_reports.jsonl`, oldest first."""
+    path = Path(out_dir) / REPORTS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        target.write_bytes(source.read_bytes())

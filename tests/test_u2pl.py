@@ -1,0 +1,250 @@
+"""U2PL: the EMA teacher, entropy partition, reliable CE, negatives, queues, contrastive loss, a real step."""
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trainers.batch import LabeledBatch, UnlabeledBatch
+from trainers.config import MethodConfig, load_config
+from trainers.forward import Forwarder
+from trainers.loop import fit
+from trainers.methods import build_method
+from trainers.methods.common import build_criterion
+from trainers.methods.ema import Clock, EMATeacher, ema_update, warmup_decay
+from trainers.methods.u2pl import (
+    U2PL,
+    Contrast,
+    MemoryQueues,
+    contrastive_loss,
+    entropy,
+    entropy_partition,
+    negative_masks,
+    percentile,
+    reliable_ce,
+    u2pl_box,
+    unreliable_percent,
+)
+from trainers.model import DeepLabV3Plus
+
+IGNORE, SIZE = 255, 33
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two threads on two shared cores spin against each other and make tiny forwards far slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ema_update_moves_parameters_and_optionally_buffers():
+    teacher, student = nn.BatchNorm1d(1), nn.BatchNorm1d(1)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(3.0)
+    student.running_mean.fill_(2.0)
+    student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, 0.75)
+    assert teacher.weight.item() == pytest.approx(1.5)  # 0.75·1 + 0.25·3
+    assert teacher.running_mean.item() == 0.0 and teacher.num_batches_tracked.item() == 0
+    ema_update(teacher, student, 0.5, buffers=True)
+    assert teacher.weight.item() == pytest.approx(2.25)
+    assert teacher.running_mean.item() == pytest.approx(1.0) and teacher.num_batches_tracked.item() == 7
+    with pytest.raises(ValueError, match="decay"):
+        ema_update(teacher, student, 1.5)
+
+
+def test_warmup_decay_is_a_running_average_until_the_limit():
+    assert [warmup_decay(s, 0.99) for s in (0, 1, 3)] == [0.0, 0.5, 0.75]
+    assert warmup_decay(1000, 0.99) == 0.99
+
+
+def test_percentile_matches_numpy_linear():
+    values = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    for q in (0, 20, 50, 100):
+        assert percentile(values, q).item() == pytest.approx(np.percentile(values.numpy(), q))
+    assert percentile(values, 20).item() == pytest.approx(1.6)  # 1 + 0.6·(2 − 1)
+
+
+def test_entropy_of_uniform_and_certain_pixels():
+    prob = torch.tensor([[0.5, 1.0], [0.5, 0.0]]).view(1, 2, 1, 2)
+    assert torch.allclose(entropy(prob), torch.tensor([[[math.log(2), 0.0]]]), atol=1e-6)
+
+
+def test_unreliable_share_decays_linearly():
+    assert unreliable_percent(20.0, 0, 80) == 20.0
+    assert unreliable_percent(20.0, 40, 80) == 10.0
+
+
+def test_entropy_partition_on_a_hand_case():
+    ent = torch.tensor([[[0.1, 0.2, 0.3, 0.4, 0.5]]])
+    valid = torch.tensor([[[True, True, True, True, False]]])
+    reliable, unreliable = entropy_partition(ent, valid, 25.0)
+    # Valid entropies 0.1..0.4: the 25th percentile is 0.175, the 75th 0.325; the padded 0.5 is neither.
+    assert reliable.tolist() == [[[True, False, False, False, False]]]
+    assert unreliable.tolist() == [[[False, False, False, True, False]]]
+
+
+def test_reliable_ce_drops_high_entropy_pixels_and_rescales():
+    pred = torch.zeros(1, 2, 1, 4)
+    label = torch.tensor([[[0, 1, 0, 1]]])
+    ent = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]])
+    loss, kept = reliable_ce(pred, label, ent, torch.ones(1, 1, 4, dtype=torch.bool), 75.0)
+    assert kept.tolist() == [[[True, True, True, False]]]  # entropy < 0.325
+    assert loss.item() == pytest.approx(4 / 3 * math.log(2))  # all / kept × mean CE of the kept
+
+
+def test_negative_masks_follow_the_paper_rule():
+    # Pixel 0 (labeled, class 1) and pixel 1 (unlabeled) of a 1x2 map, four classes.
+    prob = torch.tensor([[0.15, 0.4], [0.6, 0.3], [0.2, 0.2], [0.05, 0.1]]).view(1, 4, 1, 2)
+    prob = torch.cat([prob[..., :1], prob[..., 1:]]).view(2, 4, 1, 1)
+    label = torch.tensor([1, 0]).view(2, 1, 1)
+    unreliable = torch.tensor([True, True]).view(2, 1, 1)
+    neg = negative_masks(prob, label, unreliable, num_labeled=1, low_rank=2, high_rank=4)
+    # Labeled: not its class, among the 2 most probable -> class 2. Unlabeled: ranks 2 and 3 -> classes 2, 3.
+    assert neg[:, :, 0, 0].tolist() == [[False, False, True, False], [False, False, True, True]]
+    calm = negative_masks(prob, label, torch.tensor([True, False]).view(2, 1, 1), 1, 2, 4)
+    assert not calm[1].any()
+
+
+def test_memory_queue_keeps_the_newest_keys():
+    queues = MemoryQueues([3, 1], 1, torch.device("cpu"))
+    queues.push(0, torch.tensor([[1.0], [2.0]]))
+    queues.push(0, torch.tensor([[3.0], [4.0]]))
+    queues.push(1, torch.tensor([[5.0], [6.0]]))
+    assert queues.keys[0].flatten().tolist() == [2.0, 3.0, 4.0]
+    assert queues.keys[1].flatten().tolist() == [6.0]
+
+
+def test_contrastive_loss_on_orthogonal_classes():
+    # Class 0 features point along x, class 1 along y; each queue holds the other class's direction.
+    label = torch.tensor([[[0, 1]]])
+    rep = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2).requires_grad_(True)
+    prob = torch.tensor([[0.9, 0.1], [0.1, 0.9]]).view(1, 2, 1, 2)
+    mask = torch.ones(1, 1, 2, dtype=torch.bool)
+    queues = MemoryQueues([10, 10], 2, torch.device("cpu"))
+    queues.push(0, torch.tensor([[0.0, 1.0]]))
+    queues.push(1, torch.tensor([[1.0, 0.0]]))
+    cfg = Contrast(low_rank=1, num_queries=4, num_negatives=3, temperature=0.5)
+    loss = contrastive_loss(rep, rep.detach(), prob, label, mask, mask, 1, queues, cfg, IGNORE)
+    # Positive cosine 1, three negatives of cosine 0: CE = log(1 + 3·e^(−1/T)).
+    assert loss.item() == pytest.approx(math.log(1 + 3 * math.exp(-2)), rel=1e-5)
+    assert len(queues.keys[0]) == 1  # argmax = label everywhere: no new negatives
+    loss.backward()
+    assert rep.grad is not None
+    single = contrastive_loss(
+        rep, rep.detach(), prob, torch.zeros(1, 1, 2, dtype=torch.long), mask, mask, 1, queues, cfg, IGNORE
+    )
+    assert single.item() == 0.0 and single.requires_grad
+
+
+def test_u2pl_box_covers_half_the_image():
+    random.seed(0)
+    for _ in range(20):
+        box = u2pl_box(33, 33)
+        rows, cols = box.any(dim=1).sum().item(), box.any(dim=0).sum().item()
+        assert box.sum().item() == rows * cols and 17 <= cols <= 32
+        assert abs(rows * cols - 33 * 33 / 2) <= cols  # height is area / width, rounded
+
+
+def test_teacher_copies_the_student_through_the_supervised_epoch_then_averages():
+    method = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, sup_only_epochs=1)
+    method.student = nn.ModuleDict({"net": nn.Linear(1, 1, bias=False)})
+    method.teacher = EMATeacher(method.student)
+    weight, teacher = method.student["net"].weight, method.teacher.net["net"].weight
+    initial, values = teacher.item(), {}
+    for done in range(1, 6):  # two steps per epoch: epoch 0 supervised, epoch 1 copies, then EMA
+        with torch.no_grad():
+            weight.fill_(float(done))
+        method.after_step(done, 2, 10)
+        values[done] = teacher.item()
+    assert values[1] == initial  # the next step is still supervised: the teacher is left alone
+    assert (values[2], values[3], values[4]) == (2.0, 3.0, 4.0)
+    assert values[5] == pytest.approx(2 / 3 * 4.0 + 1 / 3 * 5.0)  # decay 1 − 1/(4 − 2 + 1)
+    assert method.clock == Clock(5, 2, 10) and method.clock.epoch == 2 and method.clock.epochs == 5
+
+
+def batches(g: torch.Generator, batch: int = 2) -> tuple[LabeledBatch, UnlabeledBatch]:
+    mask = torch.randint(0, 3, (batch, SIZE, SIZE), generator=g)
+    mask[:, :2] = IGNORE
+    ignore = torch.zeros(batch, SIZE, SIZE, dtype=torch.long)
+    ignore[:, -3:] = IGNORE
+    strong = [torch.randn(batch, 3, SIZE, SIZE, generator=g)]
+    box = torch.zeros(batch, SIZE, SIZE, dtype=torch.long)
+    unlabeled = UnlabeledBatch(torch.randn(batch, 3, SIZE, SIZE, generator=g), strong, [box], ignore)
+    return LabeledBatch(torch.randn(batch, 3, SIZE, SIZE, generator=g), mask), unlabeled
+
+
+def test_one_real_step_in_each_phase_reaches_backbone_head_and_representation():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    cfg = Contrast(num_queries=8, num_negatives=4)
+    method = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, rep_dim=8, contrast=cfg)
+    net = DeepLabV3Plus("tiny", 3)
+    head = method.setup(net)
+    model = Forwarder(net).train()
+    model.extra = head
+    for done, phase in ((0, "supervised"), (2, "semi"), (3, "semi")):
+        if done:
+            method.after_step(done, 2, 8)
+        model.zero_grad()
+        out = method.step(model, *batches(g), None)
+        assert torch.isfinite(out.loss) and all(torch.isfinite(v) for v in out.terms.values())
+        out.loss.backward()
+        assert next(net.backbone.parameters()).grad.abs().sum() > 0
+        assert net.classifier.weight.grad.abs().sum() > 0
+        assert head[0].weight.grad is not None
+        assert (out.terms["loss_contrast"] == 0) == (phase == "supervised")
+    assert head[0].weight.grad.abs().sum() > 0 and method.queues is not None
+
+    state = method.state_dict()
+    other = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, rep_dim=8, contrast=cfg)
+    other.setup(DeepLabV3Plus("tiny", 3))
+    other.load_state_dict(state)
+    assert other.clock == method.clock
+    for a, b in zip(other.teacher.net.parameters(), method.teacher.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_trains_and_resumes_in_the_loop(tiny_config):
+    cfg = tiny_config(method={"name": "u2pl"}, optim={"epochs": 2, "batch_size": 2, "max_iters_per_epoch": 2})
+    first = fit(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=1)), progress=False)
+    state = torch.load(first.out_dir / "latest.pth", weights_only=True)
+    assert state["method"]["clock"] == {"done": 2, "per_epoch": 2, "total": 2}
+    assert {k.split(".")[0] for k in state["method"]["teacher"]} == {"net", "head"}
+    second = fit(cfg, resume_state=state, progress=False)
+    assert second.epochs_run == [1]
+    latest = torch.load(first.out_dir / "latest.pth", weights_only=True)
+    assert latest["method"]["clock"]["done"] == 4
+    # The head trains with the network: the optimizer holds its parameters.
+    assert not torch.equal(latest["method"]["head"]["0.weight"], state["method"]["head"]["0.weight"])
+
+
+def test_pascal_config_has_the_published_settings():
+    cfg = load_config(REPO / "configs" / "pascal_u2pl.yaml")
+    method = build_method(cfg.method, 21, IGNORE)
+    assert (cfg.data.crop_size, cfg.optim.epochs, cfg.optim.lr, cfg.optim.reference_global_batch) == (
+        513,
+        80,
+        0.001,
+        16,
+    )
+    assert (method.ema_decay, method.drop_percent, method.alpha_0, method.sup_only_epochs) == (
+        0.99,
+        80.0,
+        20.0,
+        1,
+    )
+    assert (method.contrast.num_queries, method.contrast.num_negatives, method.contrast.temperature) == (
+        256,
+        50,
+        0.5,
+    )
