@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from trainers.config import DataConfig
+from trainers.errors import DataError
 
 PUBLISHED_SPLITS = Path(__file__).parent / "published_splits"
 
@@ -44,10 +45,6 @@ COCO_CLASSES = (
     "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
-
-
-class DataError(ValueError):
-    """A split list, image or mask is missing, malformed or inconsistent."""
 
 
 class BadFile(DataError):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from trainers.config import ConfigError, TrainConfig, check_paths, load_config, merge, parse_override
-from trainers.datasets import DataError
+from trainers.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
 """The checkout this package was installed from (editable install), holding configs/ and experiments/."""
