@@ -1,0 +1,168 @@
+"""MLflow records of a grid: one parent run per grid, one nested child run per trial.
+
+Written from the driver side only (the grid driver, each Tune trial function, and the Ray Train
+controller through `EpochLogger`); training workers never import MLflow. Tables and plots are built
+afterwards from this store alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+AXIS_TAGS = ("dataset", "split", "seed", "method")
+"""Child-run tags that place a trial in the table."""
+GRID_TAG = "semiseg.grid"
+TRIAL_TAG = "semiseg.trial"
+ROLE_TAG = "semiseg.role"
+"""`grid` on parent runs, `trial` on child runs."""
+PARENT_TAG = "mlflow.parentRunId"
+"""MLflow's own tag: the UI nests a run under the run it names."""
+
+
+def client(uri: str) -> MlflowClient:
+    """A client of the store at `uri` (sqlite:///..., a folder, or an http server)."""
+    return MlflowClient(tracking_uri=uri)
+
+
+def artifact_root(uri: str, storage: Path) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local store; a server chooses its own."""
+    return (storage / "mlartifacts").as_uri() if uri.startswith(("sqlite:", "file:", "/")) else None
+
+
+def ensure_experiment(mlflow: MlflowClient, name: str, artifacts: str | None = None) -> str:
+    """The id of experiment `name`, created (with `artifacts` as its artifact location) when absent."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def start_parent(mlflow: MlflowClient, experiment_id: str, grid_name: str, params: dict[str, str]) -> str:
+    """Create the parent run of one grid execution; returns its run id."""
+    run = mlflow.create_run(experiment_id, run_name=grid_name, tags={GRID_TAG: grid_name, ROLE_TAG: "grid"})
+    log_params(mlflow, run.info.run_id, params)
+    return run.info.run_id
+
+
+def find_child(mlflow: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str) -> str | None:
+    """The child run of `trial_key` under `parent_run_id`, if a previous attempt created it."""
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_key}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def open_child(
+    mlflow: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    trial_key: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+) -> str:
+    """The trial's child run, reopened (status RUNNING) when it exists, so a resumed trial keeps one run."""
+    run_id = find_child(mlflow, experiment_id, parent_run_id, trial_key)
+    if run_id is None:
+        all_tags = {**tags, PARENT_TAG: parent_run_id, TRIAL_TAG: trial_key, ROLE_TAG: "trial"}
+        run_id = mlflow.create_run(experiment_id, run_name=trial_key, tags=all_tags).info.run_id
+        log_params(mlflow, run_id, params)
+    else:
+        mlflow.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"data.crop_size": "321", ...} (MLflow params are flat strings)."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def log_params(mlflow: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """Log params in batches (MLflow accepts at most 100 per call)."""
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        mlflow.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_epoch(mlflow: MlflowClient, run_id: str, metrics: dict[str, Any]) -> None:
+    """Log one epoch's numeric metrics at step = epoch."""
+    step = int(metrics["epoch"])
+    stamp = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), stamp, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    mlflow.log_batch(run_id, metrics=batch)
+
+
+class EpochLogger(UserCallback):
+    """Ray Train callback: logs rank 0's metrics of every report to a child run.
+
+    It runs in the Ray Train controller (driver side), so workers never talk to MLflow.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        log_epoch(client(self.uri), self.run_id, metrics[0])
+
+
+def finish(mlflow: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    """Close a run with `status` (FINISHED, FAILED or KILLED)."""
+    mlflow.set_terminated(run_id, status)
+
+
+def history(mlflow: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a metric, one per step (the latest write wins: a resumed epoch re-logs), by step."""
+    latest: dict[int, Metric] = {}
+    for metric in mlflow.get_metric_history(run_id, key):
+        kept = latest.get(metric.step)
+        if kept is None or metric.timestamp >= kept.timestamp:
+            latest[metric.step] = metric
+    return [(step, latest[step].value) for step in sorted(latest)]
+
+
+def child_runs(mlflow: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every child run of a parent, all statuses."""
+    return list(_pages(mlflow, [experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'"))
+
+
+def latest_parent(mlflow: MlflowClient, experiment_id: str) -> str | None:
+    """The most recently started grid run of an experiment."""
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = 'grid'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _pages(mlflow: MlflowClient, experiments: list[str], filter_string: str) -> Iterable[Any]:
+    token = None
+    while True:
+        page = mlflow.search_runs(
+            experiments, filter_string=filter_string, max_results=1000, page_token=token
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return

@@ -1,0 +1,333 @@
+"""Grid files: validation before any trial, expansion into trials, and real runs through Ray Tune, Ray Train
+and MLflow (end to end, and interrupted by a signal then resumed)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from semiseg import cli, launch, tables, tracking
+from semiseg.grid import load_grid
+
+from trainers.config import ConfigError
+from trainers.methods import METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def tiny_grid(tmp: Path, **changes) -> dict:
+    """A grid of 2 methods x 2 splits on a 16-image synthetic set, 1 epoch of 2 steps at 33 px."""
+    grid = {
+        "name": "tiny",
+        "synth": {"num_train": 16, "num_val": 4, "size": 33, "num_classes": 3, "seed": 0},
+        "base": {
+            "data": {
+                "dataset": "synthetic",
+                "root": str(tmp / "data"),
+                "crop_size": 33,
+                "num_workers": 0,
+                "num_classes": 3,
+            },
+            "model": {"backbone": "tiny"},
+            "optim": {
+                "epochs": 1,
+                "batch_size": 2,
+                "lr": 0.01,
+                "lr_multi": 1.0,
+                "reference_global_batch": 2,
+                "max_iters_per_epoch": 2,
+            },
+            "log_interval": 1,
+        },
+        "axes": {"method": ["supervised", "fixmatch"], "split": ["1_4", "1_2"]},
+        "workers": 1,
+        "storage": str(tmp / "runs"),
+    }
+    grid.update(changes)
+    return grid
+
+
+def write(tmp: Path, grid: dict, name: str = "grid.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_shipped_grids_load_and_expand(path):
+    grid = load_grid(path)
+    sizes = [len(v) for v in grid.axes.values()]
+    assert len(grid.trials) == math.prod(sizes) and len({t.key for t in grid.trials}) == len(grid.trials)
+    assert all(Path(t.config.out_dir).parent == grid.storage / "trials" for t in grid.trials)
+
+
+def test_pascal_grid_is_the_seed_table_with_its_hyperparameters():
+    grid = load_grid(REPO / "experiments" / "pascal.yaml")
+    assert grid.axes["method"] == ["supervised", "unimatch", "mspl"]
+    assert grid.axes["split"] == ["92", "183", "366", "732", "1464"]
+    cfg = grid.trials[0].config
+    assert (cfg.model.backbone, cfg.data.crop_size, cfg.optim.epochs, cfg.optim.lr) == (
+        "resnet101",
+        321,
+        200,
+        0.001,
+    )
+    assert (cfg.optim.batch_size * grid.workers, cfg.optim.lr_multi, cfg.method.conf_thresh) == (
+        8,
+        10.0,
+        0.95,
+    )
+
+
+def test_expansion_order_keys_and_configs(tmp_path):
+    grid = load_grid(
+        write(tmp_path, tiny_grid(tmp_path, axes={"method": ["mspl", "supervised"], "seed": [3, 4]}))
+    )
+    assert [t.key for t in grid.trials] == [
+        "synthetic_1_16_mspl_seed3",
+        "synthetic_1_16_mspl_seed4",
+        "synthetic_1_16_supervised_seed3",
+        "synthetic_1_16_supervised_seed4",
+    ]
+    trial = grid.trial({"method": "supervised", "seed": 4})
+    assert (trial.config.method.name, trial.config.seed, trial.config.data.split) == ("supervised", 4, "1_16")
+    assert trial.config.out_dir == str(tmp_path / "runs" / "trials" / "synthetic_1_16_supervised_seed4")
+    assert grid.tracking_uri == f"sqlite:///{tmp_path / 'runs'}/mlflow.db"
+
+
+def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = tiny_grid(tmp_path)
+    raw["base"]["data"]["root"] = "data/tiny"
+    del raw["storage"]
+    grid = load_grid(write(tmp_path, raw))
+    assert grid.trials[0].config.data.root == str(tmp_path / "data" / "tiny")
+    assert grid.storage == tmp_path / "runs" / "tiny"
+
+
+def test_tracking_uri_from_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    grid = load_grid(write(tmp_path, tiny_grid(tmp_path, tracking_uri="sqlite:////elsewhere.db")))
+    assert grid.tracking_uri == "http://127.0.0.1:5999"
+
+
+BAD = [
+    (
+        "unknown axis",
+        {"axes": {"method": ["mspl"], "colour": ["red"]}},
+        "axes.colour: unknown axis (expected one of ['dataset', 'method', 'seed', 'split'])",
+    ),
+    (
+        "absent split",
+        {"axes": {"split": ["1_16", "1_3"]}},
+        "axes.split: dataset 'synthetic' has no split '1_3' "
+        "(expected one of ['1_16', '1_2', '1_4', '1_8', 'full'])",
+    ),
+    (
+        "published split absent",
+        {"base": {"data": {"dataset": "pascal"}}, "axes": {"split": ["92", "1_30"]}},
+        "axes.split: dataset 'pascal' has no split '1_30'",
+    ),
+    (
+        "method typo",
+        {"axes": {"method": ["supervised", "unimach"]}},
+        f"axes.method: unknown method 'unimach' (expected one of {sorted(METHODS)})",
+    ),
+    (
+        "split read as a number",
+        {"axes": {"split": [116]}},
+        "axes.split[0]: expected str, got 116 (quote it: YAML reads 1_16 as the number 116)",
+    ),
+    ("unknown top-level key", {"seeds": [0, 1]}, "seeds: unknown key"),
+    ("base typo", {"base": {"optim": {"lrr": 0.1}}}, "base.optim.lrr: unknown key"),
+    ("bad synth option", {"synth": {"size": 8}}, "synth.size: expected >= 32 pixels, got 8"),
+    ("zero workers", {"workers": 0}, "workers: expected >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_grid_is_one_clear_error_before_any_trial(tmp_path, capsys, change, message):
+    path = write(tmp_path, tiny_grid(tmp_path, **change))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["grid", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith(f"error: {path}: {message}")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_resume_without_a_previous_run_is_an_error(tmp_path):
+    from semiseg.grid import run
+
+    with pytest.raises(ConfigError, match="nothing to resume under"):
+        run(load_grid(write(tmp_path, tiny_grid(tmp_path))), resume=True)
+
+
+# --- real runs: Ray Tune + Ray Train + MLflow, through the command line -------------------------------------
+
+
+def _env() -> dict[str, str]:
+    paths = [str(REPO), str(REPO / "platform"), os.environ.get("PYTHONPATH", "")]
+    # Ray Train's controller polls workers every 2 s by default: most of a tiny epoch.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each grid starts a private cluster
+    return env | {
+        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    }
+
+
+def _grid_command(path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "semiseg.cli", "grid", str(path), *extra]
+
+
+def _store(grid):
+    mlflow = tracking.client(grid.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(grid.name).experiment_id
+    (parent,) = mlflow.search_runs([experiment], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'grid'")
+    return mlflow, experiment, parent
+
+
+def _reported(grid) -> dict[tuple[str, str], dict]:
+    """Each trial's last result as Tune recorded it (what TuneReportCallback reported), by (method, split)."""
+    out = {}
+    for result in grid.tune_dir.glob("*/result.json"):
+        last = json.loads(result.read_text().splitlines()[-1])
+        out[(last["config"]["method"], last["config"]["split"])] = last
+    return out
+
+
+def test_grid_end_to_end_through_tune_train_and_mlflow(tmp_path):
+    path = write(tmp_path, tiny_grid(tmp_path))
+    done = subprocess.run(
+        _grid_command(path), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| best epoch | 1_4 (4 labels) | 1_2 (8 labels) |" in done.stdout
+
+    grid = load_grid(path)
+    mlflow, experiment, parent = _store(grid)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny"
+    children = tracking.child_runs(mlflow, experiment, parent.info.run_id)
+    combos = {(c.data.tags["method"], c.data.tags["split"]) for c in children}
+    assert combos == set(itertools.product(["supervised", "fixmatch"], ["1_4", "1_2"]))
+    for child in children:
+        tags, trial = child.data.tags, grid.trial(child.data.tags)
+        assert child.info.status == "FINISHED"
+        assert (tags["dataset"], tags["seed"], tags["device"], tags["workers"]) == (
+            "synthetic",
+            "0",
+            "CPU",
+            "1",
+        )
+        assert tags["num_labeled"] == {"1_4": "4", "1_2": "8"}[tags["split"]]
+        assert child.data.params == tracking.flatten(trial.config.to_dict())
+        wanted = {"miou", "best_miou", "iou_0", "iou_2", "loss", "loss_x", "lr", "images_per_s", "epoch_time"}
+        wanted |= {"mask_ratio", "loss_s"} if tags["method"] == "fixmatch" else set()
+        assert wanted <= set(child.data.metrics)
+        assert [m.step for m in mlflow.get_metric_history(child.info.run_id, "miou")] == [0]
+        artifacts = {a.path for a in mlflow.list_artifacts(child.info.run_id)}
+        assert artifacts == {"config.yaml", "curves.png", "overlays.png"}
+        assert {r["master_addr"] for r in launch.read_reports(trial.config.out_dir)} == {"127.0.0.1"}
+    logged = {a.path for a in mlflow.list_artifacts(parent.info.run_id, "table")}
+    assert {"table/table.md", "table/table.parquet", "table/table.csv", "table/miou_vs_labels.png"} == logged
+
+    # The table, rebuilt from MLflow alone, matches what each trial reported to Tune.
+    table = tables.build(grid.tracking_uri, grid.name, tmp_path / "again", log_artifacts=False)
+    reported = _reported(grid)
+    assert len(table.cells) == len(reported) == 4
+    for cell in table.cells:
+        last = reported[(cell.method, cell.split)]
+        assert cell.n_seeds == 1
+        assert cell.best_mean == pytest.approx(last["best_miou"])
+        assert cell.last_mean == pytest.approx(last["miou"])
+        assert cell.device_hours == pytest.approx(last["epoch_time"] / 3600)
+
+
+def _children_by_key(mlflow, experiment, parent_id):
+    return {c.data.tags[tracking.TRIAL_TAG]: c for c in tracking.child_runs(mlflow, experiment, parent_id)}
+
+
+def _wait_for_interrupt_point(process, grid, epochs: int, deadline_s: float = 900) -> tuple[str, str]:
+    """Poll until one trial has reported every epoch and the next has an epoch in MLflow (so Ray Train has
+    committed its checkpoint) but is not done. Trials run one at a time: the first is done in Tune's eyes."""
+    deadline, mlflow = time.monotonic() + deadline_s, None
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the grid ended before it could be interrupted"
+        counts = {t.key: len(launch.read_reports(t.config.out_dir)) for t in grid.trials}
+        done = [k for k, n in counts.items() if n == epochs]
+        running = [k for k, n in counts.items() if 0 < n < epochs - 1]
+        if done and running:
+            mlflow = mlflow or tracking.client(grid.tracking_uri)
+            state = json.loads((grid.storage / "grid.json").read_text())
+            child = _children_by_key(mlflow, state["experiment_id"], state["parent_run_id"])[running[0]]
+            if "miou" in child.data.metrics:
+                return done[0], running[0]
+        time.sleep(0.1)
+    pytest.fail("no trial finished within the deadline")
+
+
+EPOCHS = 6
+
+
+def _history(mlflow, run_id: str) -> list[tuple[int, float, int]]:
+    return [(m.step, m.value, m.timestamp) for m in mlflow.get_metric_history(run_id, "miou")]
+
+
+def test_interrupted_grid_resumes_without_rerunning_finished_trials(tmp_path):
+    raw = tiny_grid(tmp_path, axes={"split": ["1_4", "1_2"]}, max_concurrent_trials=1)
+    raw["base"]["optim"]["epochs"] = EPOCHS
+    path = write(tmp_path, raw)
+    grid = load_grid(path)
+    # Ray Train's default 2 s report poll keeps the epochs of the interrupted trial long enough to catch.
+    env = {k: v for k, v in _env().items() if k != "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(_grid_command(path), env=env, cwd=tmp_path, stdout=log, stderr=log)
+        try:
+            finished, started = _wait_for_interrupt_point(process, grid, EPOCHS)
+            os.kill(process.pid, signal.SIGINT)
+            assert process.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+    mlflow, experiment, parent = _store(grid)
+    before = _children_by_key(mlflow, experiment, parent.info.run_id)
+    reports_before = {t.key: launch.read_reports(t.config.out_dir) for t in grid.trials}
+    history_before = _history(mlflow, before[finished].info.run_id)
+    logged_before = [step for step, _, _ in _history(mlflow, before[started].info.run_id)]
+    assert logged_before == list(range(len(logged_before))) and logged_before
+    assert parent.info.status == "RUNNING"
+
+    done = subprocess.run(
+        _grid_command(path, "--resume"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    mlflow, experiment, parent = _store(grid)
+    after = _children_by_key(mlflow, experiment, parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    assert {k: c.info.run_id for k, c in after.items() if k in before} == {
+        k: c.info.run_id for k, c in before.items()
+    }
+    assert len(after) == 2 and all(c.info.status == "FINISHED" for c in after.values())
+    assert _history(mlflow, after[finished].info.run_id) == history_before
+    out_dirs = {t.key: t.config.out_dir for t in grid.trials}
+    assert launch.read_reports(out_dirs[finished]) == reports_before[finished]
+    # The interrupted trial continued from its last checkpoint that Ray Train had committed (the epochs
+    # MLflow got): no committed epoch ran twice, and only those after it ran again.
+    reports = launch.read_reports(out_dirs[started])
+    assert reports[: len(reports_before[started])] == reports_before[started]
+    assert [r["epoch"] for r in reports[len(reports_before[started]) :]] == list(
+        range(logged_before[-1] + 1, EPOCHS)
+    )
+    assert [step for step, _, _ in _history(mlflow, after[started].info.run_id)] == list(range(EPOCHS))
