@@ -15,6 +15,17 @@ from trainers.synth import generate
 SYNTH_CLASSES = 3
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread: two threads on two shared cores spin against each other on tiny forwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 train + 4 val images of 40 px, 3 classes; split 1_4 has 4 labeled and 12 unlabeled."""

@@ -18,13 +18,7 @@ from trainers.methods.common import build_criterion, eval_predict
 CLASSES, IGNORE, B, SIZE = 3, 255, 2, 17
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on two shared cores spin against each other and make these tiny forwards 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):

@@ -36,13 +36,7 @@ IGNORE, SIZE = 255, 33
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on two shared cores spin against each other and make tiny forwards far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ema_update_moves_parameters_and_optionally_buffers():
