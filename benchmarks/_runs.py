@@ -9,11 +9,13 @@ one benchmark share the schedule, batch, learning rate and threshold; only metho
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import platform
 import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -60,8 +62,8 @@ class RunResult:
     """Per epoch: miou, loss terms, mask_ratio (where logged), lr, per-class IoU."""
 
 
-def add_options(parser: argparse.ArgumentParser, seeds: str, out: str) -> None:
-    """The options both benchmarks share; `seeds` and `out` are the script's defaults."""
+def add_options(parser: argparse.ArgumentParser, seeds: str, name: str) -> None:
+    """The options both benchmarks share; `seeds` is the script's default; output: runs/bench/<name>."""
     add = parser.add_argument
     add("--seeds", default=seeds, help="comma-separated training seeds")
     add("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs per run (one pass over unlabeled each)")
@@ -71,13 +73,13 @@ def add_options(parser: argparse.ArgumentParser, seeds: str, out: str) -> None:
     add("--num-val", type=int, default=100, help="generated val images")
     add("--classes", type=int, default=DEFAULT_CLASSES, help="classes including background")
     add("--data-seed", type=int, default=0, help="seed of the generated data and its splits")
-    add("--batch-size", type=int, default=None, help="labeled (and unlabeled) batch; default: the config's")
+    add("--batch-size", type=int, default=None, help="labeled (and unlabeled) batch; None = the config's")
     add("--lr", type=float, default=DEFAULT_LR, help="backbone lr at the reference batch")
-    add("--conf-thresh", type=float, default=None, help="pseudo-label threshold; default: the config's")
+    add("--conf-thresh", type=float, default=None, help="pseudo-label threshold; None = the config's")
     add("--max-iters", type=int, default=None, help="cap on iterations per epoch")
     add("--threads", type=int, default=1, help="torch CPU threads per run")
     add("--jobs", type=int, default=2, help="runs trained at the same time, each in its own process")
-    add("--out", type=Path, default=Path(out), help="data, runs and results.jsonl go here")
+    add("--out", type=Path, default=REPO / "runs" / "bench" / name, help="data, runs and results.jsonl")
     add("--keep-checkpoints", action="store_true", help="keep each run's checkpoints")
 
 
@@ -204,7 +206,8 @@ def describe(args: argparse.Namespace, specs: Sequence[RunSpec]) -> str:
             f"- data: synthetic, {args.num_train} train / {args.num_val} val images of {args.size} px, "
             f"{args.classes} classes (incl. background), data seed {args.data_seed}",
             f"- model: {cfg.model.backbone} backbone (DeepLabV3+), from scratch",
-            f"- schedule: {o.epochs} epochs, batch {o.batch_size} labeled (+ {o.batch_size} unlabeled), "
+            f"- schedule: {o.epochs} epochs, batch {o.batch_size} labeled (+ {o.batch_size} unlabeled for "
+            f"the semi-supervised methods), "
             f"crop {cfg.data.crop_size}, max iters/epoch {o.max_iters_per_epoch}",
             f"- optimizer: SGD lr {o.lr} (head x{o.lr_multi}, reference batch {o.reference_global_batch}), "
             f"momentum {o.momentum}, wd {o.weight_decay}, poly {o.poly_power}",
@@ -212,9 +215,20 @@ def describe(args: argparse.Namespace, specs: Sequence[RunSpec]) -> str:
             f"- runs: {', '.join(runs)}; seeds {seeds_of(args)}",
             f"- machine: {platform.machine()}, {multiprocessing.cpu_count()} CPUs, "
             f"torch {torch.__version__}, {args.jobs} run(s) at a time x {args.threads} thread(s); "
-            f"base config {BASE_CONFIG.relative_to(REPO)}",
+            f"base config {BASE_CONFIG.relative_to(REPO)}, code {_code_version()}",
         ]
     )
+
+
+def _code_version() -> str:
+    """The commit the code is at, and whether the working tree differs from it."""
+    try:
+        run = functools.partial(subprocess.run, cwd=REPO, capture_output=True, text=True, check=True)
+        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{commit}{' + uncommitted changes' if dirty else ''}"
 
 
 def mean_std(values: Sequence[float]) -> str:

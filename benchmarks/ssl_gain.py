@@ -3,7 +3,7 @@
 Synthetic data, tiny backbone, CPU; every method on the same schedule (the same labeled batches per
 epoch), several seeds. Prints the configuration, a mean ± std table and each method's gain over the
 supervised baseline (paired by seed: the same seed gives the same initial weights).
-Run from the repository root: `.venv/bin/python benchmarks/ssl_gain.py [--seeds 0,1,2 ...]`.
+Run: `.venv/bin/python benchmarks/ssl_gain.py [--seeds 0,1,2 ...]`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    _runs.add_options(parser, seeds="0,1,2", out="runs/bench/ssl_gain")
+    _runs.add_options(parser, seeds="0,1,2", name="ssl_gain")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
     parser.add_argument("--split", default="1_16", help="the labeled split every method trains on")
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
-"""Per-sample augmentation of UniMatch / MSPL: shared PIL geometry, then photometric ops on image tensors.
+"""Per-sample augmentation of UniMatch / MSPL: shared geometry, then photometric ops on image tensors.
 
-Geometry works on PIL pairs `(image, mask) -> (image, mask)` and keeps mask values as class ids.
+Geometry works on pairs `(image, mask) -> (image, mask)` and keeps mask values as class ids: PIL pairs
+(the seed's path), or uint8 tensors from torchvision.io (`fast.decode`), drawing the same random numbers.
 The photometric ops are plain functions of a uint8 or [0, 1] float tensor, (3, H, W) or (B, 3, H, W),
 and of parameters drawn by `draw_photometric`, so a batched GPU path can reuse them unchanged.
 Randomness comes from Python's `random` and torch's global RNG (DataLoader workers seed both).
@@ -8,11 +9,13 @@ Randomness comes from Python's `random` and torch's global RNG (DataLoader worke
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
@@ -76,6 +79,68 @@ def geometry(image: Image.Image, mask: Image.Image, crop_size: int, mask_fill: i
     return hflip(image, mask)
 
 
+# ---- the same geometry on uint8 tensors: image (3, H, W), mask (H, W) or None (all zeros) ----
+
+TensorPair = tuple[torch.Tensor, torch.Tensor | None]
+
+
+@functools.lru_cache(maxsize=256)
+def _pil_nearest_index(length: int, new_length: int) -> torch.Tensor:
+    # Pillow's NEAREST resize accumulates the source position in doubles; cumsum adds in the same order.
+    steps = np.full(new_length, length / new_length)
+    steps[0] *= 0.5
+    return torch.from_numpy(np.cumsum(steps).astype(np.int64))
+
+
+def _scaled_size(height: int, width: int) -> tuple[int, int]:
+    # `resize`'s draw: the long side becomes randint(0.5 x, 2 x) of itself, the aspect is kept.
+    long_side = random.randint(
+        int(max(height, width) * SCALE_RANGE[0]), int(max(height, width) * SCALE_RANGE[1])
+    )
+    if height > width:
+        return long_side, int(width * long_side / height + 0.5)
+    return int(height * long_side / width + 0.5), long_side
+
+
+def geometry_tensor(
+    image: torch.Tensor, mask: torch.Tensor | None, crop_size: int, mask_fill: int
+) -> TensorPair:
+    """`geometry` on a uint8 (3, H, W) image and (H, W) mask (None = all zeros), with the same draws.
+
+    The bilinear image is within 1 of PIL's; the nearest-neighbour mask is exactly PIL's, and is only
+    computed inside the crop.
+    """
+    height, width = image.shape[-2:]
+    new_height, new_width = _scaled_size(height, width)
+    image = TF.resize(image, [new_height, new_width], antialias=True)
+    x = random.randint(0, max(new_width, crop_size) - crop_size)
+    y = random.randint(0, max(new_height, crop_size) - crop_size)
+    rows, cols = min(new_height - y, crop_size), min(new_width - x, crop_size)
+    out = image.new_zeros(3, crop_size, crop_size)
+    out[:, :rows, :cols] = image[:, y : y + rows, x : x + cols]
+    out_mask = torch.full((crop_size, crop_size), mask_fill, dtype=torch.uint8)
+    if mask is None:
+        out_mask[:rows, :cols] = 0
+    else:
+        source_rows = _pil_nearest_index(height, new_height)[y : y + rows]
+        source_cols = _pil_nearest_index(width, new_width)[x : x + cols]
+        out_mask[:rows, :cols] = mask[source_rows][:, source_cols]
+    if random.random() < 0.5:
+        return out.flip(-1), out_mask.flip(-1)
+    return out, out_mask
+
+
+def crop_pair(
+    image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor | None, crop_size: int, mask_fill: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Geometry of either decoder's output -> uint8 (3, crop, crop) image and int64 (crop, crop) mask."""
+    if isinstance(image, torch.Tensor):
+        image, mask = geometry_tensor(image, mask, crop_size, mask_fill)
+        return image, mask.long()
+    image, mask = geometry(image, mask, crop_size, mask_fill)
+    return image_to_tensor(image), mask_to_tensor(mask)
+
+
 # ---- boxes (CutMix and cutout) ----
 
 
@@ -110,11 +175,15 @@ def draw_box(height: int, width: int, redraw_area: bool = False) -> Box:
             return Box(y, x, box_h, box_w)
 
 
+def draw_cutmix(size: int, p: float = BOX_P) -> Box | None:
+    """A CutMix box in a size x size crop with probability p, else None."""
+    return None if random.random() > p else draw_box(size, size)
+
+
 def cutmix_box(size: int, p: float = BOX_P) -> torch.Tensor:
     """A (size, size) int64 0/1 CutMix mask; all zeros with probability 1 - p."""
-    if random.random() > p:
-        return torch.zeros(size, size, dtype=torch.int64)
-    return draw_box(size, size).mask(size, size)
+    box = draw_cutmix(size, p)
+    return torch.zeros(size, size, dtype=torch.int64) if box is None else box.mask(size, size)
 
 
 # ---- photometric ops (tensors; per-sample parameters) ----
@@ -234,9 +303,9 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
 def labeled_transform(crop_size: int) -> Callable[[Image.Image, Image.Image], dict]:
     """Labeled sample -> {"image": normalized (3, crop, crop), "mask": int64 (crop, crop), 255 = ignore}."""
 
-    def transform(image: Image.Image, mask: Image.Image) -> dict:
-        image, mask = geometry(image, mask, crop_size, IGNORE)
-        return {"image": normalize(to_unit(image_to_tensor(image))), "mask": mask_to_tensor(mask)}
+    def transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor) -> dict:
+        image, mask = crop_pair(image, mask, crop_size, IGNORE)
+        return {"image": normalize(to_unit(image)), "mask": mask}
 
     return transform
 
@@ -244,9 +313,8 @@ def labeled_transform(crop_size: int) -> Callable[[Image.Image, Image.Image], di
 def unlabeled_transform(crop_size: int, views: ViewSpec) -> Callable[[Image.Image, Image.Image], dict]:
     """Unlabeled sample -> the weak view, the strong views and boxes `views` asks for, the ignore mask."""
 
-    def transform(image: Image.Image, mask: Image.Image) -> dict:
-        image, mask = geometry(image, mask, crop_size, UNLABELED_PAD)
-        base = image_to_tensor(image)
+    def transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor | None) -> dict:
+        base, mask = crop_pair(image, mask, crop_size, UNLABELED_PAD)
         strong, boxes = [], []
         for _ in range(views.strong_views):
             params = draw_photometric(crop_size, crop_size, cutout=views.cutout)
@@ -257,7 +325,7 @@ def unlabeled_transform(crop_size: int, views: ViewSpec) -> Callable[[Image.Imag
             view = to_unit(photometric(base, draw_photometric(crop_size, crop_size, cutout=True)))
             # The published quirk: this view is only scaled to [0, 1] unless the switch corrects it.
             cutout_view = normalize(view) if views.cutout_view_normalized else view
-        ignore = torch.where(mask_to_tensor(mask) == UNLABELED_PAD, IGNORE, 0)
+        ignore = torch.where(mask == UNLABELED_PAD, IGNORE, 0)
         return {
             "weak": normalize(to_unit(base)),
             "strong": strong,
@@ -272,7 +340,9 @@ def unlabeled_transform(crop_size: int, views: ViewSpec) -> Callable[[Image.Imag
 def eval_transform() -> Callable[[Image.Image, Image.Image], dict]:
     """Whole image, no geometry -> {"image": normalized (3, H, W), "mask": int64 (H, W)}."""
 
-    def transform(image: Image.Image, mask: Image.Image) -> dict:
+    def transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor) -> dict:
+        if isinstance(image, torch.Tensor):
+            return {"image": normalize(to_unit(image)), "mask": mask.long()}
         return {"image": normalize(to_unit(image_to_tensor(image))), "mask": mask_to_tensor(mask)}
 
     return transform

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from trainers.config import ConfigError
+from trainers.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest.pth"
 BEST = "best.pth"
 PREVIOUS = "previous.pth"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unreadable, truncated or fails its checksum."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,19 +53,45 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` atomically (temp file, fsync, rename) with a SHA-256 sidecar."""
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(path.suffix + ".sha256")
+
+
+def _stage(state: dict[str, Any], path: Path) -> tuple[Path, Path]:
+    """Write `state` and its SHA-256 beside `path` as temp files, fsynced; nothing is left if that fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _digest(tmp)
-    sidecar_tmp = path.with_suffix(path.suffix + ".sha256.tmp")
-    sidecar_tmp.write_text(digest)
+    sidecar_tmp = _sidecar(path).with_suffix(".sha256.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        sidecar_tmp.write_text(_digest(tmp))
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        sidecar_tmp.unlink(missing_ok=True)
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        raise CheckpointError(
+            f"{path}: cannot write the checkpoint ({exc}; {free}); the previous one is kept"
+        ) from exc
+    return tmp, sidecar_tmp
+
+
+def _commit(path: Path, tmp: Path, sidecar_tmp: Path) -> None:
+    # The old sidecar goes first: a crash between the renames leaves a file without a sidecar (still
+    # checked by torch's zip reader), never a good file whose stale sidecar condemns it.
+    _sidecar(path).unlink(missing_ok=True)
     os.replace(tmp, path)
-    os.replace(sidecar_tmp, path.with_suffix(path.suffix + ".sha256"))
+    os.replace(sidecar_tmp, _sidecar(path))
+
+
+def save(state: dict[str, Any], path: Path) -> None:
+    """Write `state` to `path` atomically (temp file, fsync, rename) with a SHA-256 sidecar.
+
+    A failed write (disk full, quota) raises CheckpointError and leaves `path` as it was, with no temp files.
+    """
+    _commit(path, *_stage(state, path))
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -79,15 +106,34 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def save_latest(state: dict[str, Any], out_dir: Path) -> Path:
-    """Keep the previous latest as a fallback, then write the new latest."""
+    """Write the new latest, keeping the one it replaces as previous; a failed write changes neither."""
     latest = out_dir / LATEST
+    staged = _stage(state, latest)
     if latest.exists():
+        # Same rule as `_commit`: at every instant a file's sidecar is its own or absent.
+        _sidecar(out_dir / PREVIOUS).unlink(missing_ok=True)
         os.replace(latest, out_dir / PREVIOUS)
-        sidecar = latest.with_suffix(".pth.sha256")
-        if sidecar.exists():
-            os.replace(sidecar, out_dir / (PREVIOUS + ".sha256"))
-    save(state, latest)
+        if _sidecar(latest).exists():
+            os.replace(_sidecar(latest), _sidecar(out_dir / PREVIOUS))
+    _commit(latest, *staged)
     return latest
+
+
+def check_writable(folder: Path, key: str = "out_dir") -> None:
+    """Create `folder` and write a probe file in it; one ConfigError naming `key` if either fails."""
+    probe = folder / f".write-check-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            # Some blocks, not an empty file: an empty file still fits on a full disk.
+            f.write(bytes(1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        raise ConfigError(f"{key}: {str(folder)!r} is not a writable folder ({exc})") from None
 
 
 def load_resumable(out_dir: Path) -> dict[str, Any] | None:

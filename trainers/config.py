@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 EVAL_MODES = ("original", "center_crop", "sliding_window")
 CRITERIA = ("ce", "ohem")
 LR_SCALING = ("keep_global_batch", "linear")
+DECODERS = ("pil", "torchvision")
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,35 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class FastConfig:
+    """Switches of the fast path; null picks what benchmarks/README.md measured to win on the device."""
+
+    channels_last: bool | None = None
+    """Model and activations in channels_last (NHWC); null = on (it won on CPU and is the GPU norm)."""
+    autocast_bf16: bool | None = None
+    """bf16 autocast for training steps and evaluation; null = on GPU only."""
+    device_augment: bool | None = None
+    """Strong views' photometric ops run batched on the training device with per-sample parameters
+    drawn in the loader workers; null = on GPU only (on CPU the workers run them in parallel)."""
+    decode: str = "torchvision"
+    """Image decoding and geometry: torchvision (torchvision.io + uint8 tensor ops) or pil (the seed's)."""
+    foreach: bool = True
+    """Multi-tensor (foreach) SGD update instead of one kernel per parameter."""
+    compile: bool = False
+    """torch.compile the backbone and decoder (compilation takes minutes; pays off on long runs)."""
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODERS:
+            raise ConfigError(f"fast.decode: expected one of {DECODERS}, got {self.decode!r}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
     seed: int = 0
     out_dir: str = "runs/default"
     """Checkpoints (latest.pth, best.pth) and logs of this run."""

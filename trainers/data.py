@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from trainers import augment
+from trainers import augment, fast
 from trainers.batch import ViewSpec
 from trainers.config import TrainConfig
 from trainers.datasets import PairDataset, SplitFiles, repeat_to
@@ -48,10 +48,22 @@ def _nones() -> Iterator[None]:
 def build_loaders(
     cfg: TrainConfig, split: SplitFiles, views: ViewSpec, ctx: DistContext, batch_size: int
 ) -> Loaders:
-    """Build the loaders of one process; samplers shard by rank and reshuffle per epoch."""
+    """Build the loaders of one process; samplers shard by rank and reshuffle per epoch.
+
+    With `fast.device_augment` the training loaders yield raw batches (uint8 crops and drawn parameters)
+    that `trainers.fast.to_device` finishes on the device.
+    """
     root, crop = cfg.data.root, cfg.data.crop_size
+    switches = fast.settings(cfg.fast, ctx.device)
+    decode = switches.decode
+    if switches.device_augment:
+        labeled_transform, unlabeled_transform = fast.raw_labeled_transform, fast.raw_unlabeled_transform
+        collate_labeled, collate_unlabeled = fast.collate_raw_labeled, fast.collate_raw_unlabeled
+    else:
+        labeled_transform, unlabeled_transform = augment.labeled_transform, augment.unlabeled_transform
+        collate_labeled, collate_unlabeled = augment.collate_labeled, augment.collate_unlabeled
     n = len(split.unlabeled) if split.unlabeled else len(split.labeled)
-    labeled = PairDataset(root, repeat_to(split.labeled, n), augment.labeled_transform(crop))
+    labeled = PairDataset(root, repeat_to(split.labeled, n), labeled_transform(crop), decode=decode)
     common = dict(
         batch_size=batch_size,
         num_workers=cfg.data.num_workers,
@@ -64,16 +76,16 @@ def build_loaders(
         return DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True)
 
     labeled_loader = DataLoader(
-        labeled, sampler=sampler(labeled, cfg.seed), collate_fn=augment.collate_labeled, **common
+        labeled, sampler=sampler(labeled, cfg.seed), collate_fn=collate_labeled, **common
     )
     unlabeled_loader = mix_loader = None
     if views.strong_views:
         # Unlabeled masks are never read (UniMatch does the same): only the padding matters.
         unlabeled = PairDataset(
-            root, split.unlabeled, augment.unlabeled_transform(crop, views), with_masks=False
+            root, split.unlabeled, unlabeled_transform(crop, views), with_masks=False, decode=decode
         )
         unlabeled_loader = DataLoader(
-            unlabeled, sampler=sampler(unlabeled, cfg.seed), collate_fn=augment.collate_unlabeled, **common
+            unlabeled, sampler=sampler(unlabeled, cfg.seed), collate_fn=collate_unlabeled, **common
         )
         if views.mix_batch:
             # The published loop zips the same loader twice: same sampler seed, so u' holds the
@@ -83,11 +95,11 @@ def build_loaders(
             mix_loader = DataLoader(
                 unlabeled,
                 sampler=sampler(unlabeled, mix_seed),
-                collate_fn=augment.collate_unlabeled,
+                collate_fn=collate_unlabeled,
                 **common,
             )
     # Val is sharded without padding so no image is counted twice in the summed IoU.
-    val = PairDataset(root, split.val, augment.eval_transform())
+    val = PairDataset(root, split.val, augment.eval_transform(), decode=decode)
     val_shard = Subset(val, list(range(ctx.rank, len(val), ctx.world_size)))
     val_loader = DataLoader(
         val_shard, batch_size=1, num_workers=min(cfg.data.num_workers, 1), collate_fn=augment.collate_labeled

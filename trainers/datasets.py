@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -17,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import io as tvio
 
-from trainers.config import DataConfig
+from trainers.config import DECODERS, DataConfig
 from trainers.errors import DataError
 
 PUBLISHED_SPLITS = Path(__file__).parent / "published_splits"
@@ -50,9 +53,13 @@ COCO_CLASSES = (
 class BadFile(DataError):
     """An image or mask that cannot be read."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path | str, reason: str | None = None) -> None:
+        if reason is None:
+            # A DataLoader worker's error is rebuilt as BadFile(<its formatted traceback>), whose last
+            # line reads "trainers.datasets.BadFile: <path>: <reason>": keep that one line.
+            path, reason = str(path).rstrip().splitlines()[-1].split(": ", 1)[-1].split(": ", 1)
         super().__init__(f"{path}: {reason}")
-        self.path = path
+        self.path = Path(path)
         self.reason = reason
 
 
@@ -367,29 +374,57 @@ def _load(path: Path, convert: Callable[[Image.Image], Image.Image]) -> Image.Im
         raise BadFile(path, f"cannot decode: {exc}") from None
 
 
-class PairDataset(Dataset):
-    """Item i is `transform(image, mask)`: PIL RGB image and PIL 'L' mask of class ids.
+def load_image_tensor(path: Path) -> torch.Tensor:
+    """Decode an image with torchvision.io as a (3, H, W) uint8 RGB tensor (the same pixels as PIL's)."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders for TorchCodec's, which is not a dependency here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            data = tvio.read_file(str(path))
+        except RuntimeError:
+            raise BadFile(path, "file not found") from None
+        try:
+            return tvio.decode_image(data, mode=tvio.ImageReadMode.RGB)
+        except RuntimeError as exc:
+            raise BadFile(path, f"cannot decode: {str(exc).split(', ', 2)[-1]}") from None
 
-    With `with_masks=False` (unlabeled data, as UniMatch) the mask is all zeros, image-sized.
+
+def load_mask_tensor(path: Path) -> torch.Tensor:
+    """A mask's class ids as an (H, W) uint8 tensor (PIL reads the palette indices)."""
+    return torch.from_numpy(np.array(load_mask(path)))
+
+
+class PairDataset(Dataset):
+    """Item i is `transform(image, mask)`: PIL RGB image and PIL 'L' mask of class ids, or with
+    `decode="torchvision"` a (3, H, W) uint8 image tensor and an (H, W) uint8 mask tensor.
+
+    With `with_masks=False` (unlabeled data, as UniMatch) the mask is all zeros, image-sized (None for
+    tensors: the tensor geometry treats it as zeros without allocating it).
     """
 
     def __init__(
         self,
         root: str | Path,
         pairs: Sequence[Pair],
-        transform: Callable[[Image.Image, Image.Image], Any] | None = None,
+        transform: Callable[[Any, Any], Any] | None = None,
         with_masks: bool = True,
+        decode: str = "pil",
     ) -> None:
+        if decode not in DECODERS:
+            raise ValueError(f"fast.decode: expected one of {DECODERS}, got {decode!r}")
         self.root = Path(root)
         self.pairs = list(pairs)
         self.transform = transform
         self.with_masks = with_masks
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> Any:
         pair = self.pairs[index]
+        if self.decode == "torchvision":
+            return self._tensors(pair)
         image = load_image(self.root / pair.image)
         if self.with_masks:
             mask = load_mask(self.root / pair.mask)
@@ -397,6 +432,15 @@ class PairDataset(Dataset):
                 raise BadFile(self.root / pair.mask, f"mask size {mask.size} differs from image {image.size}")
         else:
             mask = Image.new("L", image.size, 0)
+        return (image, mask) if self.transform is None else self.transform(image, mask)
+
+    def _tensors(self, pair: Pair) -> Any:
+        image, mask = load_image_tensor(self.root / pair.image), None
+        if self.with_masks:
+            mask = load_mask_tensor(self.root / pair.mask)
+            if mask.shape != image.shape[-2:]:
+                size, image_size = tuple(mask.shape[::-1]), tuple(image.shape[:0:-1])
+                raise BadFile(self.root / pair.mask, f"mask size {size} differs from image {image_size}")
         return (image, mask) if self.transform is None else self.transform(image, mask)
 
 

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pretrained.load import load_backbone_weights
+from pretrained.load import WeightsError, load_backbone_weights
 from trainers import checkpoint as ckpt
-from trainers import dist
-from trainers.config import TrainConfig
+from trainers import dist, fast
+from trainers.config import ConfigError, TrainConfig
 from trainers.data import Loaders, build_loaders
 from trainers.datasets import check_split_for_training, dataset_spec, resolve_split
+from trainers.errors import NonFiniteLossError
 from trainers.evaluate import EvalResult, evaluate
 from trainers.forward import Forwarder
 from trainers.methods import Method, build_method
@@ -31,10 +32,6 @@ log = logging.getLogger(__name__)
 
 Reporter = Callable[[dict[str, float], Path | None], None]
 """Called on every rank after each epoch with the metrics and, on rank 0, the checkpoint file."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; training stops instead of writing a broken checkpoint."""
 
 
 @dataclass
@@ -61,7 +58,10 @@ def build_network(cfg: TrainConfig) -> DeepLabV3Plus:
     """DeepLabV3+ for this config, with backbone weights loaded when a file is configured."""
     net = DeepLabV3Plus(cfg.model.backbone, num_classes(cfg), tuple(cfg.model.dilations))
     if cfg.model.pretrained:
-        load_backbone_weights(net.backbone, cfg.model.pretrained)
+        try:
+            load_backbone_weights(net.backbone, cfg.model.pretrained)
+        except WeightsError as exc:
+            raise ConfigError(f"model.pretrained: {exc}") from None
     return net
 
 
@@ -80,8 +80,9 @@ def fit(
     check_split_for_training(cfg.data.root, split, classes, spec.ignore_index)
 
     seed_everything(cfg.seed + ctx.rank)
+    switches = fast.settings(cfg.fast, ctx.device)
     method: Method = build_method(cfg.method, classes, spec.ignore_index)
-    net = build_network(cfg).to(ctx.device)
+    net = fast.prepare_network(build_network(cfg).to(ctx.device), switches)
     forwarder = Forwarder(net)
     # Method hook (optional): teachers and trainable extras, such as a projection head, built from the
     # placed network. Extras join the wrapped module, so DDP averages their gradients too.
@@ -90,7 +91,7 @@ def fit(
         forwarder.extra = extra
     model = dist.wrap(forwarder, ctx)
     scaling = scale(cfg.optim, ctx.world_size)
-    optimizer = build_optimizer(net, cfg.optim, scaling.lr)
+    optimizer = build_optimizer(net, cfg.optim, scaling.lr, foreach=switches.foreach)
     if extra is not None:
         optimizer.param_groups[1]["params"].extend(extra.parameters())
     loaders = build_loaders(cfg, split, method.views, ctx, scaling.per_worker_batch)
@@ -112,7 +113,8 @@ def fit(
 
     out_dir = Path(cfg.out_dir)
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # Fail now, not after the first epoch, when checkpoints cannot be written (disk full, read-only).
+        ckpt.check_writable(out_dir)
         log.info(
             "per-worker batch %d, global batch %d, lr %.6g (%s)",
             scaling.per_worker_batch,
@@ -129,17 +131,18 @@ def fit(
         )
         train_time = time.perf_counter() - started
         dist.broadcast_buffers(net)
-        result = evaluate(
-            net,
-            loaders.val,
-            spec.eval_mode,
-            cfg.data.crop_size,
-            classes,
-            spec.ignore_index,
-            reduce=dist.all_reduce_sum,
-            device=ctx.device,
-            progress=progress and ctx.is_main,
-        )
+        with fast.autocast(switches, ctx.device):
+            result = evaluate(
+                net,
+                loaders.val,
+                spec.eval_mode,
+                cfg.data.crop_size,
+                classes,
+                spec.ignore_index,
+                reduce=dist.all_reduce_sum,
+                device=ctx.device,
+                progress=progress and ctx.is_main,
+            )
         last, best = result.miou, max(best, result.miou)
         epochs_run.append(epoch)
         images = iters * scaling.global_batch * (2 if loaders.unlabeled is not None else 1)
@@ -204,18 +207,17 @@ def train_epoch(
 ) -> dict[str, float]:
     """One epoch; returns each logged term averaged over the epoch (and across ranks)."""
     ctx = dist.context()
+    switches = fast.settings(cfg.fast, ctx.device)
     model.train()
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=iters, desc=f"epoch {epoch}", disable=not (progress and ctx.is_main), leave=False)
     for i, (labeled, unlabeled, mix) in enumerate(loaders.epoch()):
         if i == iters:
             break
-        out = method.step(
-            model,
-            labeled.to(ctx.device, non_blocking=True),
-            unlabeled.to(ctx.device, non_blocking=True) if unlabeled is not None else None,
-            mix.to(ctx.device, non_blocking=True) if mix is not None else None,
-        )
+        # Raw batches (fast.device_augment) get their strong views built on the device here.
+        batches = [fast.to_device(b, ctx.device) for b in (labeled, unlabeled, mix)]
+        with fast.autocast(switches, ctx.device):
+            out = method.step(model, *batches)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

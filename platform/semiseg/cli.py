@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from trainers.config import ConfigError, TrainConfig, check_paths, load_config, merge, parse_override
-from trainers.errors import DataError
+from trainers.errors import CheckpointError, DataError, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[2]
 """The checkout this package was installed from (editable install), holding configs/ and experiments/."""
@@ -86,8 +86,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     overrides = {"data": {"root": str(data)}, "out_dir": args.out}
     cfg = load_config(REPO / "configs" / "synthetic.yaml", overrides)
     result = train_local(cfg)
-    print(f"demo: supervised, tiny backbone, 1/16 labels: val mIoU {result.last_miou:.2f} "
-          f"(best {result.best_miou:.2f}; chance is about {100 / 6:.1f})")
+    print(
+        f"demo: supervised, tiny backbone, 1/16 labels: val mIoU {result.last_miou:.2f} "
+        f"(best {result.best_miou:.2f}; chance is about {100 / 6:.1f})"
+    )
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

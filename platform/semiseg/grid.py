@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainers.config import ConfigError, TrainConfig, from_dict, load_yaml, merge
+from trainers.config import ConfigError, MethodConfig, TrainConfig, from_dict, load_yaml, merge
 
 AXES = {
     "dataset": ("data", "dataset"),
@@ -35,6 +35,7 @@ GRID_KEYS = (
     "tracking_uri",
     "synth",
     "max_concurrent_trials",
+    "method_settings",
 )
 PATH_KEYS = (("data", "root"), ("data", "split_dir"), ("data", "val_list"), ("model", "pretrained"))
 """Config paths made absolute on load: Tune runs each trial in its own working directory."""
@@ -66,6 +67,9 @@ class Grid:
     synth: dict[str, int] | None
     """Options of trainers.synth: generate the synthetic dataset at data.root when absent."""
     max_concurrent_trials: int | None
+    method_settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Method name -> keys of the `method:` section for that method's trials only (its paper's loss
+    weights and thresholds); schedule, crop, backbone and evaluation stay the base's for every method."""
     trials: tuple[Trial, ...] = ()
     """Every combination of the axes, validated (see `expand`)."""
 
@@ -115,7 +119,14 @@ def _build(path: Path, data: dict[str, Any]) -> Grid:
     )
     synth = _synth(data.get("synth"))
     use_gpu = _typed(data, "use_gpu", bool, False)
-    grid = Grid(name, path, _absolute_paths(base), axes, workers, use_gpu, storage, uri, synth, concurrent)
+    settings = _method_settings(_typed(data, "method_settings", dict, {}))
+    methods = axes.get("method") or [base.get("method", {}).get("name", "mspl")]
+    for method in settings:
+        if method not in methods:
+            raise ConfigError(f"method_settings.{method}: not a method of this grid (it runs {methods})")
+    grid = Grid(
+        name, path, _absolute_paths(base), axes, workers, use_gpu, storage, uri, synth, concurrent, settings
+    )
     return dataclasses.replace(grid, trials=expand(grid))
 
 
@@ -151,6 +162,18 @@ def _axes(raw: dict[str, Any]) -> dict[str, list[Any]]:
             raise ConfigError(f"axes.{axis}: repeated values in {values}")
         axes[axis] = list(values)
     return axes
+
+
+def _method_settings(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from trainers.methods import METHODS
+
+    for method, settings in raw.items():
+        _check_method(method, f"method_settings.{method}", METHODS)
+        if not isinstance(settings, dict):
+            raise ConfigError(f"method_settings.{method}: expected a mapping of method keys, got {settings}")
+        if "name" in settings:
+            raise ConfigError(f"method_settings.{method}.name: set by the method axis")
+    return raw
 
 
 def _synth(raw: Any) -> dict[str, int] | None:
@@ -195,7 +218,14 @@ def expand(grid: Grid) -> tuple[Trial, ...]:
         overrides = {"out_dir": str(grid.storage / "trials" / key)}
         for axis, value in values.items():
             overrides = merge(overrides, _nested(AXES[axis], value))
-        trials.append(Trial(key, values, from_dict(TrainConfig, merge(grid.base, overrides), "base")))
+        base = grid.base
+        method = values["method"]
+        if method in grid.method_settings:
+            section = merge(base.get("method", {}), grid.method_settings[method])
+            # Checked as their own section first, so an error names method_settings, not base.
+            from_dict(MethodConfig, section | {"name": method}, f"method_settings.{method}")
+            base = merge(base, {"method": section})
+        trials.append(Trial(key, values, from_dict(TrainConfig, merge(base, overrides), "base")))
     return tuple(trials)
 
 
@@ -365,6 +395,8 @@ def run_trial(params: dict[str, Any], grid: Grid, experiment_id: str, parent_run
 
     trial = grid.trial(params)
     mlflow = tracking.client(grid.tracking_uri)
+    if finished_in_mlflow(mlflow, experiment_id, parent_run_id, trial.key):
+        return
     run_id = tracking.open_child(
         mlflow,
         experiment_id,
@@ -382,11 +414,25 @@ def run_trial(params: dict[str, Any], grid: Grid, experiment_id: str, parent_run
             name=trial.key,
             callbacks=[TuneReportCallback(), tracking.EpochLogger(grid.tracking_uri, run_id)],
         )
+        # Epochs the store missed (unreachable, or the driver killed between checkpoint and log).
+        tracking.backfill(mlflow, run_id, launch.read_reports(trial.config.out_dir))
         log_trial_artifacts(mlflow, run_id, trial, result)
-    except Exception:
-        tracking.finish(mlflow, run_id, "FAILED")
+    except Exception as exc:
+        tracking.fail(mlflow, run_id, exc)
         raise
     tracking.finish(mlflow, run_id)
+
+
+def finished_in_mlflow(mlflow: Any, experiment_id: str, parent_run_id: str, key: str) -> bool:
+    """Whether trial `key` already finished under this grid run. Tune saves its own state at most every
+    10 s, so after a SIGKILL it may restore a finished trial as unfinished: MLflow has the last word."""
+    from semiseg import tracking
+
+    run_id = tracking.find_child(mlflow, experiment_id, parent_run_id, key)
+    if run_id is None or mlflow.get_run(run_id).info.status != "FINISHED":
+        return False
+    print(f"{key}: already finished in MLflow (run {run_id}); not run again", flush=True)
+    return True
 
 
 def trial_tags(grid: Grid, trial: Trial) -> dict[str, str]:

@@ -7,6 +7,7 @@ afterwards from this store alone.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
+
+log = logging.getLogger(__name__)
 
 AXIS_TAGS = ("dataset", "split", "seed", "method")
 """Child-run tags that place a trial in the table."""
@@ -114,15 +117,33 @@ def log_epoch(mlflow: MlflowClient, run_id: str, metrics: dict[str, Any]) -> Non
 class EpochLogger(UserCallback):
     """Ray Train callback: logs rank 0's metrics of every report to a child run.
 
-    It runs in the Ray Train controller (driver side), so workers never talk to MLflow.
+    It runs in the Ray Train controller (driver side), so workers never talk to MLflow. It never raises:
+    Ray Train fails the whole run on a callback error, so epochs the store refuses wait in `pending`
+    (retried at the next report) and stay in rank 0's ray_reports.jsonl, which `backfill` replays.
     """
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri = uri
         self.run_id = run_id
+        self.pending: list[dict[str, Any]] = []
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        log_epoch(client(self.uri), self.run_id, metrics[0])
+        self.pending.append(metrics[0])
+        try:
+            mlflow = client(self.uri)
+            while self.pending:
+                log_epoch(mlflow, self.run_id, self.pending[0])
+                self.pending.pop(0)
+        except Exception as exc:  # whatever the store raises (locked, gone, refused), training goes on
+            log.warning(
+                "MLflow store %s cannot take epoch %d of run %s (%s); training goes on, %d epoch(s) buffered "
+                "(retried at the next report, and replayed from ray_reports.jsonl when the trial ends)",
+                self.uri,
+                int(metrics[0]["epoch"]),
+                self.run_id,
+                _one_line(exc),
+                len(self.pending),
+            )
 
 
 def finish(mlflow: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
@@ -166,3 +187,49 @@ def _pages(mlflow: MlflowClient, experiments: list[str], filter_string: str) -> 
         token = page.token
         if not token:
             return
+
+
+# --- Faults (RELIABILITY.md): epochs the store missed, and why a trial failed ----------------------------
+
+REPORT_CONTEXT = frozenset({"world_size", "pid", "host", "node_ip", "master_addr"})
+"""Keys semiseg.launch adds to each ray_reports.jsonl line beside the metrics (where an epoch ran)."""
+ERROR_TAG = "semiseg.error"
+"""On a FAILED trial run, what stopped it (`NonFiniteLossError: epoch 0 iteration 1: loss is nan`)."""
+
+
+def backfill(mlflow: MlflowClient, run_id: str, reports: list[dict[str, Any]]) -> list[int]:
+    """Log the epochs of `reports` (rank 0's ray_reports.jsonl lines) that the run lacks; returns them.
+
+    An epoch run again after a restart appears twice in the reports: its last line wins, as in `history`.
+    """
+    logged = {step for step, _ in history(mlflow, run_id, "epoch")}
+    last = {int(r["epoch"]): r for r in reports}
+    missing = sorted(set(last) - logged)
+    for epoch in missing:
+        log_epoch(mlflow, run_id, {k: v for k, v in last[epoch].items() if k not in REPORT_CONTEXT})
+    return missing
+
+
+def failure_reason(exc: BaseException) -> str:
+    """`Type: message` of what stopped a trial (of a WorkerGroupError: the lowest failed rank's own error)."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    return f"{type(exc).__name__}: {_one_line(exc)}"[:5000]  # MLflow caps tag values
+
+
+def fail(mlflow: MlflowClient, run_id: str, exc: BaseException) -> None:
+    """Close a trial's run as FAILED with `failure_reason` in its ERROR_TAG. A store that cannot take it is
+    logged, not raised, so the trial's own error stays the one that is reported."""
+    try:
+        mlflow.set_tag(run_id, ERROR_TAG, failure_reason(exc))
+        finish(mlflow, run_id, "FAILED")
+    except Exception as store_error:
+        reason = failure_reason(exc)
+        log.error("MLflow: cannot mark run %s FAILED (%s); it failed with %s", run_id, store_error, reason)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The last non-empty line of an error's message (a traceback's is its `Type: message` line)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__

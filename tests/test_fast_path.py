@@ -1,0 +1,293 @@
+"""The fast path computes what the reference path computes: decoding, tensor geometry, batched strong
+views, channels_last, foreach SGD, bf16 autocast; and a fast-path training run learns like a reference one."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainers import augment, fast
+from trainers.augment import Box, Photometric
+from trainers.batch import ViewSpec
+from trainers.config import ConfigError, FastConfig, OptimConfig, TrainConfig, from_dict
+from trainers.datasets import BadFile, PairDataset, load_image, load_image_tensor, load_mask, read_list
+from trainers.entry import train_local
+from trainers.evaluate import intersection_union, miou
+from trainers.model import DeepLabV3Plus
+from trainers.optim import build_optimizer
+from trainers.synth import generate, render
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MSPL = ViewSpec(strong_views=2, cutout=True, cutout_view=True, mix_batch=True)
+REFERENCE_SGD = {
+    "channels_last": False,
+    "autocast_bf16": False,
+    "device_augment": False,
+    "decode": "pil",
+    "foreach": False,
+}
+
+
+def scene(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    image, mask = render(max(height, width), 6, np.random.default_rng(seed))
+    return image[:height, :width], mask[:height, :width]
+
+
+def as_pil(image: np.ndarray, mask: np.ndarray) -> tuple[Image.Image, Image.Image]:
+    return Image.fromarray(image), Image.fromarray(mask, mode="L")
+
+
+def as_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(mask.copy())
+
+
+def seeded(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- switches ----
+
+
+def test_settings_resolve_per_device_and_honour_explicit_values():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert fast.settings(FastConfig(), cpu) == fast.FastSettings(
+        True, False, False, "torchvision", True, False
+    )
+    assert fast.settings(FastConfig(), gpu) == fast.FastSettings(True, True, True, "torchvision", True, False)
+    explicit = FastConfig(channels_last=False, autocast_bf16=True, device_augment=True, decode="pil")
+    assert fast.settings(explicit, cpu) == fast.FastSettings(False, True, True, "pil", True, False)
+
+
+def test_fast_config_is_validated_by_key():
+    assert from_dict(TrainConfig, {"fast": {"compile": True}}).fast.compile
+    with pytest.raises(ConfigError, match=r"fast\.decode: expected one of \('pil', 'torchvision'\)"):
+        from_dict(TrainConfig, {"fast": {"decode": "opencv"}})
+    with pytest.raises(ConfigError, match=r"fast\.channels_lats: unknown key"):
+        from_dict(TrainConfig, {"fast": {"channels_lats": True}})
+
+
+# ---- decoding and geometry ----
+
+
+def test_torchvision_decode_gives_pil_pixels(tmp_path):
+    image, mask = scene(37, 53)
+    Image.fromarray(image).save(tmp_path / "a.jpg", quality=75)
+    Image.fromarray(image).convert("L").save(tmp_path / "gray.jpg")
+    Image.fromarray(image).save(tmp_path / "a.png")
+    for name in ("a.jpg", "gray.jpg", "a.png"):
+        decoded = load_image_tensor(tmp_path / name)
+        expected = torch.from_numpy(np.array(load_image(tmp_path / name))).permute(2, 0, 1)
+        assert decoded.shape == (3, 37, 53) and torch.equal(decoded, expected), name
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(BadFile, match="bad.jpg: cannot decode"):
+        load_image_tensor(tmp_path / "bad.jpg")
+    with pytest.raises(BadFile, match="missing.jpg: file not found"):
+        load_image_tensor(tmp_path / "missing.jpg")
+
+
+@pytest.mark.parametrize("size", [(61, 97), (97, 61), (20, 33)], ids=["wide", "tall", "padded"])
+def test_tensor_geometry_draws_and_computes_as_pil(size):
+    image, mask = scene(*size)
+    for seed in range(6):
+        seeded(seed)
+        pil_image, pil_mask = augment.crop_pair(*as_pil(image, mask), 41, augment.IGNORE)
+        after_pil = random.random()
+        seeded(seed)
+        tensor_image, tensor_mask = augment.crop_pair(*as_tensors(image, mask), 41, augment.IGNORE)
+        assert random.random() == after_pil, "both paths draw the same random numbers"
+        assert torch.equal(tensor_mask, pil_mask) and tensor_mask.dtype == torch.int64
+        difference = (tensor_image.int() - pil_image.int()).abs()
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 0.05
+
+
+def test_tensor_geometry_without_mask_marks_only_the_padding():
+    image, _ = scene(20, 30)
+    for seed in range(4):
+        seeded(seed)
+        _, pil_mask = augment.crop_pair(
+            Image.fromarray(image), Image.new("L", (30, 20)), 41, augment.UNLABELED_PAD
+        )
+        seeded(seed)
+        _, mask = augment.crop_pair(as_tensors(image, image[..., 0])[0], None, 41, augment.UNLABELED_PAD)
+        assert torch.equal(mask, pil_mask) and set(mask.unique().tolist()) == {0, augment.UNLABELED_PAD}
+
+
+# ---- batched strong views ----
+
+
+def drawn(count: int, size: int) -> list[Photometric]:
+    """Parameters with every op present in some samples and absent in others (no cutout)."""
+    params = []
+    for i in range(count):
+        p = augment.draw_photometric(size, size, cutout=False)
+        params.append(replace(p, jitter=augment.draw_jitter() if i % 4 else None, grayscale=i % 3 == 0))
+    return params
+
+
+def test_batched_photometric_equals_the_per_sample_ops():
+    seeded(0)
+    images = torch.randint(0, 256, (12, 3, 29, 33), dtype=torch.uint8)
+    params = drawn(12, 29)
+    batched = fast.photometric_batch(images, fast.ViewParams.of(params))
+    single = torch.stack([augment.photometric(x, p) for x, p in zip(images, params, strict=True)])
+    unblurred = torch.tensor([p.blur_sigma is None for p in params])
+    assert torch.equal(batched[unblurred], single[unblurred])
+    # The blur is separable: float sums in another order move a rare pixel by one level.
+    difference = (batched.int() - single.int()).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3
+    assert torch.equal(images, images.clone()), "the input batch is left as it was"
+
+
+def test_batched_cutout_fills_each_samples_own_box():
+    images = torch.full((2, 3, 20, 20), 200, dtype=torch.uint8)
+    params = [Photometric(None, False, None, Box(2, 3, 5, 6)), Photometric(None, False, None, None)]
+    out = fast.photometric_batch(images, fast.ViewParams.of(params))
+    inside = Box(2, 3, 5, 6).mask(20, 20).bool()
+    assert (out[0][:, ~inside] == 200).all() and (out[0][:, inside] != 200).any()
+    assert (out[0][:, inside] <= 254).all()
+    assert torch.equal(out[1], images[1])
+
+
+def test_raw_batches_finish_into_the_per_sample_batches():
+    image, mask = scene(45, 60)
+    pairs = [as_tensors(*scene(45 + 3 * i, 60, seed=i)) for i in range(3)]
+    seeded(1)
+    reference = augment.collate_unlabeled([augment.unlabeled_transform(37, MSPL)(x, None) for x, _ in pairs])
+    seeded(1)
+    raw = fast.collate_raw_unlabeled([fast.raw_unlabeled_transform(37, MSPL)(x, None) for x, _ in pairs])
+    finished = fast.to_device(raw, torch.device("cpu"))
+    assert torch.equal(finished.weak, reference.weak) and torch.equal(finished.ignore, reference.ignore)
+    assert all(torch.equal(a, b) for a, b in zip(finished.boxes, reference.boxes, strict=True))
+    views = [*zip(finished.strong, reference.strong, raw.strong, strict=True)]
+    views.append((finished.cutout_view, reference.cutout_view, raw.cutout_view))
+    for ours, theirs, params in views:
+        assert ours.shape == theirs.shape == (3, 3, 37, 37)
+        # Cutout values are random draws of their own; everything outside the cutout boxes matches.
+        outside = torch.stack(
+            [torch.ones(37, 37) if p.cutout is None else 1 - p.cutout.mask(37, 37) for p in params.params]
+        )
+        outside = outside.bool()[:, None].expand_as(ours)
+        assert (ours[outside] - theirs[outside]).abs().max() < 2.5 / 255 / 0.224
+    seeded(2)
+    labeled = augment.collate_labeled([augment.labeled_transform(37)(*as_tensors(image, mask))])
+    seeded(2)
+    raw_labeled = fast.collate_raw_labeled([fast.raw_labeled_transform(37)(*as_tensors(image, mask))])
+    finished_labeled = fast.to_device(raw_labeled, torch.device("cpu"))
+    assert torch.equal(finished_labeled.image, labeled.image) and torch.equal(
+        finished_labeled.mask, labeled.mask
+    )
+
+
+# ---- model and optimizer switches ----
+
+
+def test_channels_last_forward_matches_nchw():
+    torch.manual_seed(0)
+    net = DeepLabV3Plus("tiny", 5).eval()
+    cl = fast.prepare_network(
+        DeepLabV3Plus("tiny", 5), fast.settings(FastConfig(channels_last=True), torch.device("cpu"))
+    )
+    cl.load_state_dict(net.state_dict())
+    assert cl.classifier.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 45, 53)
+    with torch.no_grad():
+        expected, out = net(x), cl.eval()(x)
+    assert out.shape == (2, 5, 45, 53)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_switch_compiles_the_parts_methods_call():
+    net = fast.prepare_network(
+        DeepLabV3Plus("tiny", 3), replace(fast.settings(FastConfig(), torch.device("cpu")), compile=True)
+    )
+    # Compilation itself happens on the first call (minutes on this CPU): benchmarks/train_step.py --compile.
+    assert all(
+        part._compiled_call_impl is not None for part in (net.backbone, net.head, net.reduce, net.fuse)
+    )
+    assert net.classifier._compiled_call_impl is None
+
+
+def test_foreach_sgd_takes_the_for_loop_step():
+    torch.manual_seed(0)
+    nets = [DeepLabV3Plus("tiny", 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x, y = torch.randn(2, 3, 33, 33), torch.randint(0, 3, (2, 33, 33))
+    for net, foreach in zip(nets, (False, True), strict=True):
+        optimizer = build_optimizer(net, OptimConfig(lr=0.01), 0.01, foreach=foreach)
+        for _ in range(2):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_switch_changes_only_precision():
+    torch.manual_seed(0)
+    net = DeepLabV3Plus("tiny", 4).eval()
+    x = torch.randn(1, 3, 41, 41)
+    on = fast.settings(FastConfig(autocast_bf16=True), torch.device("cpu"))
+    with torch.no_grad():
+        expected = net(x)
+        with fast.autocast(on, torch.device("cpu")):
+            out = net(x)
+    assert out.dtype == torch.bfloat16 and expected.dtype == torch.float32
+    assert (out.argmax(1) == expected.argmax(1)).float().mean() > 0.95
+    assert (out.float() - expected).abs().max() < 0.1
+
+
+# ---- end to end ----
+
+
+@pytest.fixture(scope="module")
+def learn_root(tmp_path_factory):
+    """Enough images for a tiny model to learn something in a few CPU seconds."""
+    return generate(tmp_path_factory.mktemp("fast-learn"), 64, 16, 48, 3, 1)
+
+
+def background_miou(root) -> float:
+    """The mIoU of predicting background everywhere: the bar a learned model must clear."""
+    inter = union = 0
+    for pair in read_list(root / "splits" / "val.txt"):
+        mask = torch.from_numpy(np.array(load_mask(root / pair.mask))).long()
+        i, u = intersection_union(torch.zeros_like(mask), mask, 3, 255)
+        inter, union = inter + i, union + u
+    return miou(inter, union)[0]
+
+
+def test_tensor_decoded_dataset_yields_the_pil_pairs(learn_root):
+    pairs = read_list(learn_root / "splits" / "val.txt")[:2]
+    for (image, mask), pair in zip(PairDataset(learn_root, pairs, decode="torchvision"), pairs, strict=True):
+        assert torch.equal(
+            image, torch.from_numpy(np.array(load_image(learn_root / pair.image))).permute(2, 0, 1)
+        )
+        assert torch.equal(mask, torch.from_numpy(np.array(load_mask(learn_root / pair.mask))))
+
+
+def test_fast_path_learns_like_the_reference(make_tiny_config, learn_root, tmp_path):
+    """MSPL from the same seed, 4 short epochs: the fast path (strong views built batched, tensor decode,
+    channels_last, foreach SGD) and the reference path both learn, and end within a few points.
+    benchmarks/train_step.py --accuracy compares them over several seeds and longer runs."""
+
+    def run(name: str, switches: dict) -> float:
+        cfg = make_tiny_config(
+            tmp_path / name,
+            data={"root": str(learn_root), "split": "full", "crop_size": 48},
+            method={"name": "mspl", "conf_thresh": 0.95},
+            optim={"epochs": 4, "batch_size": 4, "lr": 0.02, "lr_multi": 1.0, "max_iters_per_epoch": 12},
+            fast=switches,
+        )
+        return train_local(cfg, progress=False).last_miou
+
+    reference = run("reference", REFERENCE_SGD)
+    fast_path = run("fast", {"device_augment": True})
+    chance = background_miou(learn_root)
+    assert reference > chance + 8 and fast_path > chance + 8, (chance, reference, fast_path)
+    assert abs(fast_path - reference) < 5, (reference, fast_path)
