@@ -74,3 +74,26 @@ def ray_cluster() -> Iterator[str]:
     address = ray_local.start_local(num_cpus=2)
     yield address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def learn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough images for a tiny model to learn something in a few CPU seconds."""
+    return generate(tmp_path_factory.mktemp("learn"), 64, 16, 48, SYNTH_CLASSES, 1)
+
+
+@pytest.fixture(scope="session")
+def learn_chance(learn_root: Path) -> float:
+    """Val mIoU of predicting background everywhere on `learn_root`: the bar a learned model must clear."""
+    import numpy as np
+    import torch
+
+    from trainers.datasets import load_mask, read_list
+    from trainers.evaluate import intersection_union, miou
+
+    inter = union = 0
+    for pair in read_list(learn_root / "splits" / "val.txt"):
+        mask = torch.from_numpy(np.array(load_mask(learn_root / pair.mask))).long()
+        i, u = intersection_union(torch.zeros_like(mask), mask, SYNTH_CLASSES, 255)
+        inter, union = inter + i, union + u
+    return miou(inter, union)[0]

@@ -73,7 +73,14 @@ def test_shipped_grids_load_and_expand(path):
 
 def test_pascal_grid_is_the_seed_table_with_its_hyperparameters():
     grid = load_grid(REPO / "experiments" / "pascal.yaml")
-    assert grid.axes["method"] == ["supervised", "unimatch", "mspl"]
+    assert grid.axes["method"] == ["supervised", "u2pl", "stpp", "psmt", "unimatch", "mspl"]
+    # Only PS-MT's own settings differ from the shared protocol, and only in its trials' method section.
+    for trial in grid.trials:
+        psmt = trial.axes["method"] == "psmt"
+        assert (trial.config.method.conf_thresh, trial.config.method.weight_u) == (
+            (0.6, 0.6) if psmt else (0.95, None)
+        )
+        assert (trial.config.optim, trial.config.data.crop_size) == (grid.trials[0].config.optim, 321)
     assert grid.axes["split"] == ["92", "183", "366", "732", "1464"]
     cfg = grid.trials[0].config
     assert (cfg.model.backbone, cfg.data.crop_size, cfg.optim.epochs, cfg.optim.lr) == (
@@ -153,6 +160,26 @@ BAD = [
     ("base typo", {"base": {"optim": {"lrr": 0.1}}}, "base.optim.lrr: unknown key"),
     ("bad synth option", {"synth": {"size": 8}}, "synth.size: expected >= 32 pixels, got 8"),
     ("zero workers", {"workers": 0}, "workers: expected >= 1, got 0"),
+    (
+        "method setting typo",
+        {"method_settings": {"fixmatch": {"conf_tresh": 0.5}}},
+        "method_settings.fixmatch.conf_tresh: unknown key",
+    ),
+    (
+        "method setting out of range",
+        {"method_settings": {"fixmatch": {"conf_thresh": 1.5}}},
+        "method.conf_thresh: expected a value in [0, 1], got 1.5",
+    ),
+    (
+        "settings for a method the grid does not run",
+        {"method_settings": {"psmt": {"weight_u": 0.6}}},
+        "method_settings.psmt: not a method of this grid (it runs ['supervised', 'fixmatch'])",
+    ),
+    (
+        "settings renaming the method",
+        {"method_settings": {"fixmatch": {"name": "mspl"}}},
+        "method_settings.fixmatch.name: set by the method axis",
+    ),
 ]
 
 
@@ -253,6 +280,35 @@ def test_grid_end_to_end_through_tune_train_and_mlflow(tmp_path):
         assert cell.best_mean == pytest.approx(last["best_miou"])
         assert cell.last_mean == pytest.approx(last["miou"])
         assert cell.device_hours == pytest.approx(last["epoch_time"] / 3600)
+
+
+def test_u2pl_stpp_and_psmt_train_through_the_grid_into_the_table(ray_cluster, tmp_path):
+    raw = tiny_grid(tmp_path, axes={"method": ["u2pl", "stpp", "psmt"]})
+    raw["base"]["data"]["split"] = "1_2"
+    raw["method_settings"] = {"psmt": {"conf_thresh": 0.6, "weight_u": 0.6}}
+    path = write(tmp_path, raw)
+    done = subprocess.run(
+        _grid_command(path, "--address", ray_cluster),
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    grid = load_grid(path)
+    mlflow, experiment, parent = _store(grid)
+    children = _children_by_key(mlflow, experiment, parent.info.run_id)
+    assert {c.data.tags["method"] for c in children.values()} == {"u2pl", "stpp", "psmt"}
+    assert all(c.info.status == "FINISHED" and "miou" in c.data.metrics for c in children.values())
+    psmt = next(c for c in children.values() if c.data.tags["method"] == "psmt")
+    assert (psmt.data.params["method.conf_thresh"], psmt.data.params["method.weight_u"]) == ("0.6", "0.6")
+    table = tables.build(grid.tracking_uri, grid.name, tmp_path / "table", log_artifacts=False)
+    # The table's rows follow the seed table's order, and every cell holds its trial's mIoU.
+    assert [c.method for c in table.cells] == ["u2pl", "stpp", "psmt"]
+    assert all(0 <= c.best_mean <= 100 and c.n_seeds == 1 for c in table.cells)
+    for method in ("u2pl", "stpp", "psmt"):
+        assert f"| {method} |" in done.stdout
 
 
 def _children_by_key(mlflow, experiment, parent_id):
