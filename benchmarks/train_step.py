@@ -230,6 +230,8 @@ ACCURACY_PATHS = {
     | {"foreach": False},
     "fast (GPU defaults)": {"channels_last": True, "autocast_bf16": True, "device_augment": True}
     | {"decode": "torchvision", "foreach": True},
+    "fast (CPU defaults)": {"channels_last": True, "autocast_bf16": False, "device_augment": False}
+    | {"decode": "torchvision", "foreach": True},
 }
 
 
@@ -252,7 +254,9 @@ def accuracy(args: argparse.Namespace) -> None:
     print("| path | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |")
     print("|---|" + "---|" * (len(seeds) + 1))
     results = {}
-    for name, switches in ACCURACY_PATHS.items():
+    paths = [p for p in ACCURACY_PATHS if p.split("(")[-1].split()[0] in args.paths.split(",")]
+    for name in paths:
+        switches = ACCURACY_PATHS[name]
         values = []
         for seed in seeds:
             out_dir = args.out / "accuracy" / f"{name.split()[0]}-{seed}"
@@ -273,11 +277,15 @@ def accuracy(args: argparse.Namespace) -> None:
             f"| {name} | {cells} | {statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} |",
             flush=True,
         )
-    ref, quick = (results[n] for n in ACCURACY_PATHS)
-    differences = [q - r for q, r in zip(quick, ref, strict=True)]
-    paired = f"{statistics.fmean(differences):+.2f} ± {statistics.stdev(differences):.2f}"
-    noise = f"seed-to-seed std of the reference: {statistics.stdev(ref):.2f}"
-    print(f"\nfast - reference, paired by seed: {paired} ({noise}).")
+    if "reference" not in results:
+        return
+    ref = results["reference"]
+    print(f"\nSeed-to-seed std of the reference: {statistics.stdev(ref):.2f}. Paired by seed:")
+    for name, values in results.items():
+        if name != "reference":
+            differences = [v - r for v, r in zip(values, ref, strict=True)]
+            paired = f"{statistics.fmean(differences):+.2f} ± {statistics.stdev(differences):.2f}"
+            print(f"- {name} - reference: {paired}")
 
 
 def machine(device: torch.device) -> str:
@@ -304,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--accuracy", action="store_true", help="compare mIoU instead of speed")
     parser.add_argument("--seeds", default="0,1,2", help="--accuracy: training seeds")
+    parser.add_argument("--paths", default="reference,GPU,CPU", help="--accuracy: which paths to train")
     parser.add_argument("--epochs", type=int, default=16, help="--accuracy: epochs per run")
     parser.add_argument("--split", default="1_2", help="--accuracy: labeled split")
     parser.add_argument("--classes", type=int, default=4, help="--accuracy: synthetic classes")
