@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from trainers.config import TrainConfig, load_config
 from trainers.datasets import resolve_split
@@ -77,6 +78,7 @@ def add_options(parser: argparse.ArgumentParser, seeds: str, name: str) -> None:
     add("--lr", type=float, default=DEFAULT_LR, help="backbone lr at the reference batch")
     add("--conf-thresh", type=float, default=None, help="pseudo-label threshold; None = the config's")
     add("--max-iters", type=int, default=None, help="cap on iterations per epoch")
+    add("--method-set", action="append", default=[], metavar="KEY=VALUE", help="a method.KEY for every run")
     add("--threads", type=int, default=1, help="torch CPU threads per run")
     add("--jobs", type=int, default=2, help="runs trained at the same time, each in its own process")
     add("--out", type=Path, default=REPO / "runs" / "bench" / name, help="data, runs and results.jsonl")
@@ -108,6 +110,9 @@ def run_config(args: argparse.Namespace, data: Path, spec: RunSpec) -> TrainConf
     method: dict[str, Any] = {"name": spec.method}
     if args.conf_thresh is not None:
         method["conf_thresh"] = args.conf_thresh
+    for setting in args.method_set:
+        key, _, value = setting.partition("=")
+        method[key] = yaml.safe_load(value)
     overrides = {
         # No loader workers: the run's CPU time is then its own process's, and runs do not compete.
         "data": {"root": str(data), "split": spec.split, "crop_size": args.crop, "num_workers": 0},
@@ -211,7 +216,8 @@ def describe(args: argparse.Namespace, specs: Sequence[RunSpec]) -> str:
             f"crop {cfg.data.crop_size}, max iters/epoch {o.max_iters_per_epoch}",
             f"- optimizer: SGD lr {o.lr} (head x{o.lr_multi}, reference batch {o.reference_global_batch}), "
             f"momentum {o.momentum}, wd {o.weight_decay}, poly {o.poly_power}",
-            f"- method: conf_thresh {m.conf_thresh}, criterion {m.criterion}",
+            f"- method: conf_thresh {m.conf_thresh}, criterion {m.criterion}"
+            + "".join(f", {setting}" for setting in args.method_set),
             f"- runs: {', '.join(runs)}; seeds {seeds_of(args)}",
             f"- machine: {platform.machine()}, {multiprocessing.cpu_count()} CPUs, "
             f"torch {torch.__version__}, {args.jobs} run(s) at a time x {args.threads} thread(s); "

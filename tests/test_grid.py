@@ -383,7 +383,8 @@ def test_interrupted_grid_resumes_without_rerunning_finished_trials(tmp_path):
     # last epoch MLflow got (logged after the commit), at most the one epoch in progress run again.
     reports = launch.read_reports(out_dirs[started])
     assert reports[: len(reports_before[started])] == reports_before[started]
-    resumed = [r["epoch"] for r in reports[len(reports_before[started]) :]]
+    resumed = [int(r["epoch"]) for r in reports[len(reports_before[started]) :]]
     assert logged_before[-1] < resumed[0] <= reports_before[started][-1]["epoch"] + 1
     assert resumed == list(range(resumed[0], EPOCHS))
-    assert [step for step, _, _ in _history(mlflow, after[started].info.run_id)] == list(range(EPOCHS))
+    # Every epoch in MLflow once; one committed but unlogged at the interrupt is backfilled at the end.
+    assert sorted(step for step, _, _ in _history(mlflow, after[started].info.run_id)) == list(range(EPOCHS))
