@@ -60,6 +60,8 @@ def train_distributed(
     """
     cfg = absolute_paths(cfg)
     storage = storage_path or str(Path(cfg.out_dir) / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())  # Ray reads a relative path as a URI without a scheme
     check_placement(workers, use_gpu, cpus_per_worker)
     check_storage(storage)
     trainer = TorchTrainer(
