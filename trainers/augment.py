@@ -3,7 +3,8 @@
 Geometry works on pairs `(image, mask) -> (image, mask)` and keeps mask values as class ids: PIL pairs
 (the seed's path), or uint8 tensors from torchvision.io (`fast.decode`), drawing the same random numbers.
 The photometric ops are plain functions of a uint8 or [0, 1] float tensor, (3, H, W) or (B, 3, H, W),
-and of parameters drawn by `draw_photometric`, so a batched GPU path can reuse them unchanged.
+and of parameters drawn by `draw_photometric`; `trainers.fast` applies the same parameters batched, one
+per sample, on the training device.
 Randomness comes from Python's `random` and torch's global RNG (DataLoader workers seed both).
 """
 
@@ -41,14 +42,20 @@ Pair = tuple[Image.Image, Image.Image]
 # ---- geometry (PIL, image and mask together) ----
 
 
+def _scaled_size(height: int, width: int, ratio_range: tuple[float, float] = SCALE_RANGE) -> tuple[int, int]:
+    # The one draw of both geometry paths: the long side becomes randint(0.5 x, 2 x) of itself, aspect kept.
+    side = max(height, width)
+    long_side = random.randint(int(side * ratio_range[0]), int(side * ratio_range[1]))
+    if height > width:
+        return long_side, int(width * long_side / height + 0.5)
+    return int(height * long_side / width + 0.5), long_side
+
+
 def resize(image: Image.Image, mask: Image.Image, ratio_range: tuple[float, float] = SCALE_RANGE) -> Pair:
     """Rescale so the long side becomes a random int in ratio_range x its size (aspect kept)."""
     w, h = image.size
-    long_side = random.randint(int(max(h, w) * ratio_range[0]), int(max(h, w) * ratio_range[1]))
-    if h > w:
-        size = (int(w * long_side / h + 0.5), long_side)
-    else:
-        size = (long_side, int(h * long_side / w + 0.5))
+    new_h, new_w = _scaled_size(h, w, ratio_range)
+    size = (new_w, new_h)
     return image.resize(size, Image.Resampling.BILINEAR), mask.resize(size, Image.Resampling.NEAREST)
 
 
@@ -90,16 +97,6 @@ def _pil_nearest_index(length: int, new_length: int) -> torch.Tensor:
     steps = np.full(new_length, length / new_length)
     steps[0] *= 0.5
     return torch.from_numpy(np.cumsum(steps).astype(np.int64))
-
-
-def _scaled_size(height: int, width: int) -> tuple[int, int]:
-    # `resize`'s draw: the long side becomes randint(0.5 x, 2 x) of itself, the aspect is kept.
-    long_side = random.randint(
-        int(max(height, width) * SCALE_RANGE[0]), int(max(height, width) * SCALE_RANGE[1])
-    )
-    if height > width:
-        return long_side, int(width * long_side / height + 0.5)
-    return int(height * long_side / width + 0.5), long_side
 
 
 def geometry_tensor(

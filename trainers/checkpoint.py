@@ -96,7 +96,7 @@ def save(state: dict[str, Any], path: Path) -> None:
 
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint, checking its SHA-256 sidecar when present."""
-    sidecar = path.with_suffix(path.suffix + ".sha256")
+    sidecar = _sidecar(path)
     if sidecar.exists() and sidecar.read_text().strip() != _digest(path):
         raise CheckpointError(f"{path}: SHA-256 does not match {sidecar.name} (truncated or corrupted)")
     try:

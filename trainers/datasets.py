@@ -428,8 +428,7 @@ class PairDataset(Dataset):
         image = load_image(self.root / pair.image)
         if self.with_masks:
             mask = load_mask(self.root / pair.mask)
-            if mask.size != image.size:
-                raise BadFile(self.root / pair.mask, f"mask size {mask.size} differs from image {image.size}")
+            self._check_size(pair, mask.size, image.size)
         else:
             mask = Image.new("L", image.size, 0)
         return (image, mask) if self.transform is None else self.transform(image, mask)
@@ -438,10 +437,13 @@ class PairDataset(Dataset):
         image, mask = load_image_tensor(self.root / pair.image), None
         if self.with_masks:
             mask = load_mask_tensor(self.root / pair.mask)
-            if mask.shape != image.shape[-2:]:
-                size, image_size = tuple(mask.shape[::-1]), tuple(image.shape[:0:-1])
-                raise BadFile(self.root / pair.mask, f"mask size {size} differs from image {image_size}")
+            # (W, H) as PIL's sizes, so both decoders report a mismatch alike.
+            self._check_size(pair, tuple(mask.shape[::-1]), tuple(image.shape[:0:-1]))
         return (image, mask) if self.transform is None else self.transform(image, mask)
+
+    def _check_size(self, pair: Pair, mask_size: tuple[int, ...], image_size: tuple[int, ...]) -> None:
+        if mask_size != image_size:
+            raise BadFile(self.root / pair.mask, f"mask size {mask_size} differs from image {image_size}")
 
 
 def repeat_to(pairs: Sequence[Pair], n: int) -> list[Pair]:

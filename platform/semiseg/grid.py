@@ -120,10 +120,6 @@ def _build(path: Path, data: dict[str, Any]) -> Grid:
     synth = _synth(data.get("synth"))
     use_gpu = _typed(data, "use_gpu", bool, False)
     settings = _method_settings(_typed(data, "method_settings", dict, {}))
-    methods = axes.get("method") or [base.get("method", {}).get("name", "mspl")]
-    for method in settings:
-        if method not in methods:
-            raise ConfigError(f"method_settings.{method}: not a method of this grid (it runs {methods})")
     grid = Grid(
         name, path, _absolute_paths(base), axes, workers, use_gpu, storage, uri, synth, concurrent, settings
     )
@@ -207,6 +203,14 @@ def expand(grid: Grid) -> tuple[Trial, ...]:
         "method": defaults.method.name,
         "seed": defaults.seed,
     }
+    methods = grid.axes.get("method", [defaults.method.name])
+    sections = {}
+    for method, settings in grid.method_settings.items():
+        if method not in methods:
+            raise ConfigError(f"method_settings.{method}: not a method of this grid (it runs {methods})")
+        sections[method] = merge(grid.base.get("method", {}), settings)
+        # Checked as their own section, so an error names method_settings, not base.
+        from_dict(MethodConfig, sections[method] | {"name": method}, f"method_settings.{method}")
     trials = []
     for combo in itertools.product(*grid.axes.values()):
         values = fixed | dict(zip(grid.axes, combo, strict=True))
@@ -218,13 +222,7 @@ def expand(grid: Grid) -> tuple[Trial, ...]:
         overrides = {"out_dir": str(grid.storage / "trials" / key)}
         for axis, value in values.items():
             overrides = merge(overrides, _nested(AXES[axis], value))
-        base = grid.base
-        method = values["method"]
-        if method in grid.method_settings:
-            section = merge(base.get("method", {}), grid.method_settings[method])
-            # Checked as their own section first, so an error names method_settings, not base.
-            from_dict(MethodConfig, section | {"name": method}, f"method_settings.{method}")
-            base = merge(base, {"method": section})
+        base = merge(grid.base, {"method": sections.get(values["method"], {})})
         trials.append(Trial(key, values, from_dict(TrainConfig, merge(base, overrides), "base")))
     return tuple(trials)
 

@@ -27,7 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainers import checkpoint as ckpt
-from trainers.config import TrainConfig, from_dict
+from trainers.config import ConfigError, TrainConfig, from_dict
 from trainers.entry import train
 from trainers.loop import Reporter
 
@@ -156,13 +156,10 @@ def check_storage(storage: str) -> None:
     """Fail before starting workers if a local storage path cannot be created and written."""
     if "://" in storage:
         return
-    path = Path(storage)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise LaunchError(f"storage_path: {storage!r} is not a writable folder ({exc})") from exc
+        ckpt.check_writable(Path(storage), "storage_path")
+    except ConfigError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:

@@ -221,11 +221,11 @@ def failure_reason(exc: BaseException) -> str:
 def fail(mlflow: MlflowClient, run_id: str, exc: BaseException) -> None:
     """Close a trial's run as FAILED with `failure_reason` in its ERROR_TAG. A store that cannot take it is
     logged, not raised, so the trial's own error stays the one that is reported."""
+    reason = failure_reason(exc)
     try:
-        mlflow.set_tag(run_id, ERROR_TAG, failure_reason(exc))
+        mlflow.set_tag(run_id, ERROR_TAG, reason)
         finish(mlflow, run_id, "FAILED")
     except Exception as store_error:
-        reason = failure_reason(exc)
         log.error("MLflow: cannot mark run %s FAILED (%s); it failed with %s", run_id, store_error, reason)
 
 
