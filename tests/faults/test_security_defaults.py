@@ -19,13 +19,18 @@ from trainers.entry import evaluate_checkpoint, train_local
 REPO = Path(__file__).resolve().parents[2]
 
 
-def listening_addresses(processes: list) -> dict[str, set[str]]:
-    """The local address of every listening TCP socket of `processes`, with the names of its holders."""
-    found: dict[str, set[str]] = {}
+def listening_sockets(processes: list) -> list[tuple[str, str, int]]:
+    """(holder's name, address, port) of every listening TCP socket of `processes`. A process that exits
+    while being read (Ray recycles idle workers) holds no socket any more and is passed over."""
+    import psutil
+
+    found = []
     for process in processes:
-        for connection in process.net_connections(kind="inet"):
-            if connection.status == "LISTEN":
-                found.setdefault(connection.laddr.ip, set()).add(process.name())
+        try:
+            name, connections = process.name(), process.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        found += [(name, c.laddr.ip, c.laddr.port) for c in connections if c.status == "LISTEN"]
     return found
 
 
@@ -39,14 +44,12 @@ def test_local_ray_cluster_listens_on_loopback_only(ray_cluster):
 
     # Ray's own services and idle workers. A Ray Train worker of rank 0, while it trains, also holds
     # torch.distributed's rendezvous store, which torch binds to every interface: see RELIABILITY.md.
-    ray_processes = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" not in p.name()]
-    addresses = listening_addresses(ray_processes)
-    assert addresses and all(is_loopback(a) for a in addresses), addresses
+    everything = listening_sockets(psutil.Process().children(recursive=True))
+    sockets = [s for s in everything if "RayTrainWorker" not in s[0]]
+    addresses = {address for _, address, _ in sockets}
+    assert addresses and all(is_loopback(a) for a in addresses), sockets
     # The dashboard is not started at all (include_dashboard=False): nothing serves its port.
-    ports = {
-        c.laddr.port for p in ray_processes for c in p.net_connections(kind="inet") if c.status == "LISTEN"
-    }
-    assert 8265 not in ports
+    assert 8265 not in {port for _, _, port in sockets}
 
 
 def test_cluster_head_leaves_the_ray_dashboard_on_loopback():
