@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from trainers.config import TrainConfig, from_dict, merge
 from trainers.synth import generate
 
 SYNTH_CLASSES = 3
+IDLE_WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,65 @@ def ray_cluster() -> Iterator[str]:
     address = ray_local.start_local(num_cpus=2)
     yield address
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def ray_cluster_idle(request: pytest.FixtureRequest) -> None:
+    """A test on the shared cluster starts with every CPU free: Ray Train waits for its workers' CPUs
+    without end, so a leftover of an earlier test would hang the test instead of failing it."""
+    if "ray_cluster" not in request.fixturenames:
+        return
+    import ray
+
+    deadline = time.monotonic() + IDLE_WAIT_S
+    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the shared Ray cluster still has busy CPUs after {IDLE_WAIT_S} s")
+        time.sleep(0.2)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed test on the shared Ray cluster reports the cluster's and the machine's state with it."""
+    report = yield
+    if report.failed and "ray_cluster" in getattr(item, "fixturenames", ()):
+        report.sections.append(("ray cluster and machine state", ray_state()))
+    return report
+
+
+def ray_state() -> str:
+    """Resources, live actors, memory, disk, the largest processes and the raylet's last errors."""
+    import shutil
+    import tempfile
+
+    import psutil
+    import ray
+    from ray._private import state
+
+    if not ray.is_initialized():
+        return "Ray is not initialized in this process"
+    lines = [f"resources: {ray.cluster_resources()}", f"available: {ray.available_resources()}"]
+    for actor in state.actors().values():
+        if actor["State"] != "DEAD":
+            name, pid, job = actor["ActorClassName"], actor["Pid"], actor["JobID"]
+            lines.append(f"actor {name} {actor['State']} pid {pid} job {job}")
+    memory, disk = psutil.virtual_memory(), shutil.disk_usage(tempfile.gettempdir())
+    lines.append(f"memory: {memory.available / 2**30:.1f} of {memory.total / 2**30:.1f} GiB available")
+    lines.append(f"disk {tempfile.gettempdir()}: {disk.free / 2**30:.1f} GiB free")
+    processes = sorted(psutil.process_iter(["pid", "memory_info", "cmdline"]), key=_rss, reverse=True)
+    for process in processes[:8]:
+        command = " ".join(process.info["cmdline"] or [])[:120].rstrip()
+        lines.append(f"pid {process.info['pid']} rss {_rss(process) / 2**20:.0f} MiB: {command}")
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for log in [p for p in (logs / "raylet.out", logs / "gcs_server.out") if p.exists()]:
+        errors = [line for line in log.read_text(errors="replace").splitlines() if " E " in line[:40]]
+        lines += [f"{log.name}: {line[:300]}" for line in errors[-10:]]
+    return "\n".join(lines)
+
+
+def _rss(process: Any) -> int:
+    info = process.info.get("memory_info")
+    return info.rss if info else 0
 
 
 @pytest.fixture(scope="session")
