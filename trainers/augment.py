@@ -148,9 +148,9 @@ class Box:
     height: int
     width: int
 
-    def mask(self, height: int, width: int) -> torch.Tensor:
+    def mask(self, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """(height, width) int64 tensor, 1 inside the box."""
-        out = torch.zeros(height, width, dtype=torch.int64)
+        out = torch.zeros(height, width, dtype=torch.int64, device=device)
         out[self.top : self.top + self.height, self.left : self.left + self.width] = 1
         return out
 

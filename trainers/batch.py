@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
 
 import torch
 
@@ -51,14 +53,18 @@ class UnlabeledBatch:
         return _to(self, device, non_blocking)
 
 
-def _move(value, device, non_blocking):
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with `fn` applied to every tensor in it, walking lists, tuples and dataclasses."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=non_blocking)
+        return fn(value)
     if isinstance(value, list):
-        return [_move(v, device, non_blocking) for v in value]
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in fields(value)})
     return value
 
 
-def _to(batch, device, non_blocking):
-    changes = {f.name: _move(getattr(batch, f.name), device, non_blocking) for f in fields(batch)}
-    return replace(batch, **changes)
+def _to(batch: Any, device: torch.device | str, non_blocking: bool) -> Any:
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking))

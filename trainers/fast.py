@@ -13,7 +13,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from trainers import augment
 from trainers.augment import IGNORE, UNLABELED_PAD, Box, Photometric
-from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
+from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec, map_tensors
 from trainers.config import FastConfig
 
 
@@ -239,35 +239,20 @@ def photometric_batch(images: torch.Tensor, view: ViewParams) -> torch.Tensor:
 
 def box_masks(boxes: Sequence[Box | None], size: int, device: torch.device) -> torch.Tensor:
     """(B, size, size) int64 CutMix masks, 1 inside each sample's box (all 0 for None)."""
-    out = torch.zeros(len(boxes), size, size, dtype=torch.int64, device=device)
-    for i, box in enumerate(boxes):
-        if box is not None:
-            out[i, box.top : box.top + box.height, box.left : box.left + box.width] = 1
-    return out
+    empty = torch.zeros(size, size, dtype=torch.int64, device=device)
+    return torch.stack([empty if box is None else box.mask(size, size, device) for box in boxes])
 
 
 # ---- raw batches: uint8 crops plus parameters, finished into LabeledBatch / UnlabeledBatch ----
 
 
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, list):
-        return [_map_tensors(v, fn) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_map_tensors(v, fn) for v in value)
-    if is_dataclass(value) and not isinstance(value, type) and not isinstance(value, (Photometric, Box)):
-        return replace(value, **{f.name: _map_tensors(getattr(value, f.name), fn) for f in fields(value)})
-    return value
-
-
 class _Movable:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Any:
-        return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Any:
         """Called by DataLoader(pin_memory=True) in its pinning thread."""
-        return _map_tensors(self, lambda t: t.pin_memory())
+        return map_tensors(self, lambda t: t.pin_memory())
 
 
 @dataclass

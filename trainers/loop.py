@@ -127,7 +127,7 @@ def fit(
         started = time.perf_counter()
         loaders.set_epoch(epoch)
         terms = train_epoch(
-            model, method, optimizer, loaders, cfg, scaling, epoch, iters, total_iters, progress
+            model, method, optimizer, loaders, cfg, switches, scaling, epoch, iters, total_iters, progress
         )
         train_time = time.perf_counter() - started
         dist.broadcast_buffers(net)
@@ -199,6 +199,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     loaders: Loaders,
     cfg: TrainConfig,
+    switches: fast.FastSettings,
     scaling: Scaling,
     epoch: int,
     iters: int,
@@ -207,7 +208,6 @@ def train_epoch(
 ) -> dict[str, float]:
     """One epoch; returns each logged term averaged over the epoch (and across ranks)."""
     ctx = dist.context()
-    switches = fast.settings(cfg.fast, ctx.device)
     model.train()
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=iters, desc=f"epoch {epoch}", disable=not (progress and ctx.is_main), leave=False)
