@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,9 +66,12 @@ def tiny_config(make_tiny_config: Callable[..., TrainConfig], tmp_path: Path) ->
     return lambda **overrides: make_tiny_config(tmp_path / "run", **overrides)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A private 2-CPU Ray cluster on 127.0.0.1 for the session; yields its address."""
+    """A private 2-CPU Ray cluster on 127.0.0.1 for the test module; yields its address.
+
+    One per module, not per session: whatever a module leaves in its cluster (actors, placement groups,
+    a driver's state) cannot reach the next module, for ~5 s of start-up each."""
     import ray
     from semiseg import ray_local
 
@@ -80,7 +84,7 @@ def ray_cluster() -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def ray_cluster_idle(request: pytest.FixtureRequest) -> None:
-    """A test on the shared cluster starts with every CPU free: Ray Train waits for its workers' CPUs
+    """A test on the module's cluster starts with every CPU free: Ray Train waits for its workers' CPUs
     without end, so a leftover of an earlier test would hang the test instead of failing it."""
     if "ray_cluster" not in request.fixturenames:
         return
@@ -127,7 +131,12 @@ def ray_state() -> str:
         lines.append(f"pid {process.info['pid']} rss {_rss(process) / 2**20:.0f} MiB: {command}")
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     for log in [p for p in (logs / "raylet.out", logs / "gcs_server.out") if p.exists()]:
-        errors = [line for line in log.read_text(errors="replace").splitlines() if " E " in line[:40]]
+        # Errors, and the memory monitor's warnings when it kills a worker.
+        errors = [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if re.match(r"\[\S+ \S+ E ", line) or (re.match(r"\[\S+ \S+ W ", line) and "emory" in line)
+        ]
         lines += [f"{log.name}: {line[:300]}" for line in errors[-10:]]
     return "\n".join(lines)
 

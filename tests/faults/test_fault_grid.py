@@ -1,7 +1,7 @@
 """Real grids (`semiseg grid`: Ray Tune + Ray Train + MLflow) meeting faults: the grid driver killed with
 SIGKILL then resumed, and a trial whose loss turns NaN while the rest of the grid goes on.
 
-Both join the session's private loopback cluster (`ray_cluster`) instead of starting one each, as a driver
+Both join the module's private loopback cluster (`ray_cluster`) instead of starting one each, as a driver
 on a cluster's head does. The SIGINT interruption:
 tests/test_grid.py::test_interrupted_grid_resumes_without_rerunning_finished_trials.
 """
