@@ -93,13 +93,13 @@ def ray_cluster_idle(request: pytest.FixtureRequest) -> None:
     deadline = time.monotonic() + IDLE_WAIT_S
     while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
         if time.monotonic() > deadline:
-            pytest.fail(f"the shared Ray cluster still has busy CPUs after {IDLE_WAIT_S} s")
+            pytest.fail(f"the test module's Ray cluster still has busy CPUs after {IDLE_WAIT_S} s")
         time.sleep(0.2)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    """A failed test on the shared Ray cluster reports the cluster's and the machine's state with it."""
+    """A failed test on a test Ray cluster reports the cluster's and the machine's state with it."""
     report = yield
     if report.failed and "ray_cluster" in getattr(item, "fixturenames", ()):
         report.sections.append(("ray cluster and machine state", ray_state()))
