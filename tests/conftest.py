@@ -16,6 +16,7 @@ from trainers.synth import generate
 
 SYNTH_CLASSES = 3
 IDLE_WAIT_S = 60
+WARNED = re.compile(r"[Mm]emory|[Dd]isk|full")
 
 
 @pytest.fixture(scope="module")
@@ -122,20 +123,21 @@ def ray_state() -> str:
         if actor["State"] != "DEAD":
             name, pid, job = actor["ActorClassName"], actor["Pid"], actor["JobID"]
             lines.append(f"actor {name} {actor['State']} pid {pid} job {job}")
-    memory, disk = psutil.virtual_memory(), shutil.disk_usage(tempfile.gettempdir())
+    memory, tmp = psutil.virtual_memory(), tempfile.gettempdir()
+    disk = shutil.disk_usage(tmp)
     lines.append(f"memory: {memory.available / 2**30:.1f} of {memory.total / 2**30:.1f} GiB available")
-    lines.append(f"disk {tempfile.gettempdir()}: {disk.free / 2**30:.1f} GiB free")
+    lines.append(f"disk {tmp}: {disk.free / 2**30:.1f} of {disk.total / 2**30:.0f} GiB free")
     processes = sorted(psutil.process_iter(["pid", "memory_info", "cmdline"]), key=_rss, reverse=True)
     for process in processes[:8]:
         command = " ".join(process.info["cmdline"] or [])[:120].rstrip()
         lines.append(f"pid {process.info['pid']} rss {_rss(process) / 2**20:.0f} MiB: {command}")
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     for log in [p for p in (logs / "raylet.out", logs / "gcs_server.out") if p.exists()]:
-        # Errors, and the memory monitor's warnings when it kills a worker.
+        # Errors, and warnings of the memory monitor (killed workers) and the disk monitor (disk full).
         errors = [
             line
             for line in log.read_text(errors="replace").splitlines()
-            if re.match(r"\[\S+ \S+ E ", line) or (re.match(r"\[\S+ \S+ W ", line) and "emory" in line)
+            if re.match(r"\[\S+ \S+ E ", line) or (re.match(r"\[\S+ \S+ W ", line) and WARNED.search(line))
         ]
         lines += [f"{log.name}: {line[:300]}" for line in errors[-10:]]
     return "\n".join(lines)
