@@ -21,6 +21,9 @@ from trainers import checkpoint as ckpt
 from trainers.config import TrainConfig
 from trainers.entry import evaluate_checkpoint
 
+# Each takes under 90 s here, idle or beside a CPU hog: a hang fails in 5 minutes, not the default 10.
+pytestmark = pytest.mark.timeout(300)
+
 
 def wait_for_report(cfg: TrainConfig, epoch: int, timeout: float = 120.0) -> list[dict]:
     """Poll rank 0's report log until `epoch` has been reported; returns the log."""
