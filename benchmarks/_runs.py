@@ -12,7 +12,6 @@ import argparse
 import functools
 import json
 import multiprocessing
-import platform
 import shutil
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from _machine import machine
 
 from trainers.config import TrainConfig, load_config
 from trainers.datasets import resolve_split
@@ -219,8 +219,7 @@ def describe(args: argparse.Namespace, specs: Sequence[RunSpec]) -> str:
             f"- method: conf_thresh {m.conf_thresh}, criterion {m.criterion}"
             + "".join(f", {setting}" for setting in args.method_set),
             f"- runs: {', '.join(runs)}; seeds {seeds_of(args)}",
-            f"- machine: {platform.machine()}, {multiprocessing.cpu_count()} CPUs, "
-            f"torch {torch.__version__}, {args.jobs} run(s) at a time x {args.threads} thread(s); "
+            f"- machine: {machine()}; {args.jobs} run(s) at a time x {args.threads} thread(s); "
             f"base config {BASE_CONFIG.relative_to(REPO)}, code {_code_version()}",
         ]
     )

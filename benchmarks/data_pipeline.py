@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
+from _machine import machine
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import default_collate
 from torchvision import transforms
@@ -275,12 +274,6 @@ def table(times: dict[str, dict[str, list[float]]]) -> str:
             f"u {ref['unlabeled'] / m['unlabeled']:.2f}×) |"
         )
     return "\n".join(lines)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    versions = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
-    return f"{cpu}, {os.cpu_count()} CPUs shared with other work, {versions}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,6 @@ Run from the repository root: `.venv/bin/python benchmarks/evaluation.py [--back
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from _machine import machine
 
 from trainers import augment, fast
 from trainers.batch import LabeledBatch
@@ -204,13 +203,6 @@ def compare(args: argparse.Namespace, mode: str, device: torch.device) -> list[s
             f"{len(items) / c:.2f} | **{seed_cpu / c:.2f}×** | {mious[name]:.2f} | {100 * agree:.2f} % |"
         )
     return rows
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu} CPU, {os.cpu_count()} cores shared with other work, torch {torch.__version__}"
 
 
 def size(text: str) -> tuple[int, int]:

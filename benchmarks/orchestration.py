@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import machine
 
 from trainers.config import TrainConfig, load_config
 from trainers.synth import ensure_generated
@@ -164,11 +164,6 @@ def start_ray(num_cpus: int | None = None) -> float:
     start = time.perf_counter()
     ray_local.start_local(num_cpus=num_cpus)
     return time.perf_counter() - start
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu} CPU, {os.cpu_count()} cores shared with other work, torch {torch.__version__}"
 
 
 def describe(args: argparse.Namespace) -> str:

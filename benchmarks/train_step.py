@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import machine
 
 from trainers import augment, fast
 from trainers.batch import ViewSpec
@@ -286,13 +286,6 @@ def accuracy(args: argparse.Namespace) -> None:
             differences = [v - r for v, r in zip(values, ref, strict=True)]
             paired = f"{statistics.fmean(differences):+.2f} ± {statistics.stdev(differences):.2f}"
             print(f"- {name} - reference: {paired}")
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu} CPU, {os.cpu_count()} cores shared with other work, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> None:
