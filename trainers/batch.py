@@ -54,14 +54,17 @@ class UnlabeledBatch:
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """`value` with `fn` applied to every tensor in it, walking lists, tuples and dataclasses."""
+    """`value` with `fn` applied to every tensor in it, walking lists, tuples and dataclasses.
+
+    Frozen dataclasses (view parameters such as boxes and jitter factors) hold no tensors and are
+    returned as they are, so moving or pinning a batch does not rebuild every sample's parameters."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, list):
         return [map_tensors(v, fn) for v in value]
     if isinstance(value, tuple):
         return tuple(map_tensors(v, fn) for v in value)
-    if is_dataclass(value) and not isinstance(value, type):
+    if is_dataclass(value) and not isinstance(value, type) and not value.__dataclass_params__.frozen:
         return replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in fields(value)})
     return value
 
