@@ -148,11 +148,14 @@ class Box:
     height: int
     width: int
 
-    def mask(self, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def mask(self, height: int, width: int) -> torch.Tensor:
         """(height, width) int64 tensor, 1 inside the box."""
-        out = torch.zeros(height, width, dtype=torch.int64, device=device)
-        out[self.top : self.top + self.height, self.left : self.left + self.width] = 1
-        return out
+        return self.fill(torch.zeros(height, width, dtype=torch.int64))
+
+    def fill(self, target: torch.Tensor) -> torch.Tensor:
+        """Set `target`'s last two dims to 1 inside the box, in place; returns `target`."""
+        target[..., self.top : self.top + self.height, self.left : self.left + self.width] = 1
+        return target
 
 
 def draw_box(height: int, width: int, redraw_area: bool = False) -> Box:

@@ -239,8 +239,12 @@ def photometric_batch(images: torch.Tensor, view: ViewParams) -> torch.Tensor:
 
 def box_masks(boxes: Sequence[Box | None], size: int, device: torch.device) -> torch.Tensor:
     """(B, size, size) int64 CutMix masks, 1 inside each sample's box (all 0 for None)."""
-    empty = torch.zeros(size, size, dtype=torch.int64, device=device)
-    return torch.stack([empty if box is None else box.mask(size, size, device) for box in boxes])
+    # One allocation on the device, each box painted into its row: no per-sample tensors to stack.
+    out = torch.zeros(len(boxes), size, size, dtype=torch.int64, device=device)
+    for row, box in zip(out, boxes, strict=True):
+        if box is not None:
+            box.fill(row)
+    return out
 
 
 # ---- raw batches: uint8 crops plus parameters, finished into LabeledBatch / UnlabeledBatch ----
