@@ -118,6 +118,16 @@ def test_read_list_names_file_and_line(tmp_path):
         read_list(tmp_path / "missing.txt")
 
 
+def test_paths_with_spaces_are_refused_by_name_when_read_and_before_written(tmp_path):
+    path = tmp_path / "l.txt"
+    path.write_text("a.jpg a.png\nmy photo.jpg my photo.png\n")
+    with pytest.raises(DataError, match=r"l\.txt:2: .*\(4 fields: split lists cannot hold paths with spaces"):
+        read_list(path)
+    with pytest.raises(DataError, match=r"o\.txt: cannot list 'my photo\.jpg': split lists cannot hold"):
+        write_list(tmp_path / "o.txt", [Pair("a.jpg", "a.png"), Pair("my photo.jpg", "m.png")])
+    assert not (tmp_path / "o.txt").exists()
+
+
 def test_write_list_round_trips(tmp_path):
     pairs = [Pair("JPEGImages/x.jpg", "SegmentationClass/x.png"), Pair("a b".replace(" ", "_"), "m.png")]
     write_list(tmp_path / "d" / "l.txt", pairs)
@@ -314,6 +324,32 @@ def test_duplicates_and_overlap():
     ]
     # A full split labels every image and also lists each one as unlabeled: not a problem.
     assert check_split(_split([PAIR, b], [b, PAIR])) == []
+
+
+def test_empty_labeled_and_val_lists_are_named(tmp_path):
+    problems = [str(p) for p in check_dataset(tmp_path, _split([], [], []), 21, 255)]
+    assert problems == [
+        "labeled: l.txt: empty list (expected one '<image path> <mask path>' line per image)",
+        "val: v.txt: empty list (expected one '<image path> <mask path>' line per image)",
+    ]
+    assert [str(p) for p in check_dataset(tmp_path, _split([], []), 21, 255, val_only=True)] == problems[1:]
+
+
+def test_an_epoch_without_a_step_is_refused_naming_the_list():
+    from trainers.batch import ViewSpec
+    from trainers.data import check_epoch
+
+    twelve = [Pair(f"{i}.jpg", f"{i}.png") for i in range(12)]
+    split = _split([PAIR], twelve)
+    check_epoch(split, ViewSpec(strong_views=1), "fixmatch", world_size=2, batch_size=6)
+    with pytest.raises(DataError, match=r"^unlabeled: u\.txt: 12 images, fewer than one batch of 7 per "):
+        check_epoch(split, ViewSpec(), "supervised", world_size=2, batch_size=7)
+    with pytest.raises(DataError, match=r"^unlabeled: u\.txt: empty list \(method unimatch trains on"):
+        check_epoch(_split(twelve, []), ViewSpec(strong_views=2), "unimatch", world_size=1, batch_size=2)
+    # Supervised needs no unlabeled list: its epoch is one pass over the labeled one.
+    check_epoch(_split(twelve, []), ViewSpec(), "supervised", world_size=1, batch_size=12)
+    with pytest.raises(DataError, match=r"^labeled: l\.txt: 12 images, fewer than one batch of 13"):
+        check_epoch(_split(twelve, []), ViewSpec(), "supervised", world_size=1, batch_size=13)
 
 
 def test_raising_variant_names_the_first_problem_and_the_count(tmp_path):

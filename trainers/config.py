@@ -6,11 +6,13 @@ Every error names the file and the dotted key, and says what was expected, befor
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -23,6 +25,10 @@ EVAL_MODES = ("original", "center_crop", "sliding_window")
 CRITERIA = ("ce", "ohem")
 LR_SCALING = ("keep_global_batch", "linear")
 DECODERS = ("pil", "torchvision")
+MAX_SEED = 2**31 - 1
+"""NumPy takes seeds below 2**32; the headroom covers the per-rank and per-epoch offsets added to it."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -158,9 +164,22 @@ class TrainConfig:
     log_interval: int = 20
     """Iterations between loss read-backs and log lines."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed: expected an int in 0..{MAX_SEED}, got {self.seed}")
+        if self.log_interval <= 0:
+            raise ConfigError(f"log_interval: expected > 0, got {self.log_interval}")
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (for checkpoints and tracking)."""
         return _plain(dataclasses.asdict(self))
+
+
+def choice(key: str, value: str, known: Mapping[str, T]) -> T:
+    """`known[value]`, or one ConfigError naming `key`, the value and the known names."""
+    if value not in known:
+        raise ConfigError(f"{key}: expected one of {sorted(known)}, got {value!r}")
+    return known[value]
 
 
 def _plain(value: Any) -> Any:
@@ -218,6 +237,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # YAML reads .nan and .inf as floats; no setting means either, and NaN passes every `<=` check.
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
     if hint in (int, float, str, bool):
         if isinstance(value, bool) and hint is not bool or not isinstance(value, hint):
             hint_text = " (quote it: YAML reads 1_16 as the number 116)" if hint is str else ""

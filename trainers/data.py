@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from trainers import augment, fast
 from trainers.batch import ViewSpec
 from trainers.config import TrainConfig
-from trainers.datasets import PairDataset, SplitFiles, repeat_to
+from trainers.datasets import PairDataset, SplitFiles, empty_lists, repeat_to
 from trainers.dist import DistContext
+from trainers.errors import DataError
 
 
 @dataclass
@@ -53,6 +54,7 @@ def build_loaders(
     With `fast.device_augment` the training loaders yield raw batches (uint8 crops and drawn parameters)
     that `trainers.fast.to_device` finishes on the device.
     """
+    check_epoch(split, views, cfg.method.name, ctx.world_size, batch_size)
     root, crop = cfg.data.root, cfg.data.crop_size
     switches = fast.settings(cfg.fast, ctx.device)
     decode = switches.decode
@@ -105,3 +107,20 @@ def build_loaders(
         val_shard, batch_size=1, num_workers=min(cfg.data.num_workers, 1), collate_fn=augment.collate_labeled
     )
     return Loaders(labeled_loader, unlabeled_loader, mix_loader, val_loader)
+
+
+def check_epoch(split: SplitFiles, views: ViewSpec, method: str, world_size: int, batch_size: int) -> None:
+    """One DataError naming the list when an epoch would have no step (samplers and loaders drop the
+    last partial batch): an empty unlabeled list for a method that needs one, or too few images."""
+    if views.strong_views:
+        problems = empty_lists(split, ("unlabeled",), f"method {method} trains on unlabeled images")
+        if problems:
+            raise DataError(str(problems[0]))
+    # The epoch is one pass over the unlabeled list (the labeled one repeated to match) when there is one.
+    what = "unlabeled" if split.unlabeled else "labeled"
+    pairs, file = split.lists()[what]
+    if len(pairs) // world_size < batch_size:
+        raise DataError(
+            f"{what}: {file}: {len(pairs)} images, fewer than one batch of {batch_size} per worker x "
+            f"{world_size} worker(s): an epoch would have no step (lower optim.batch_size)"
+        )

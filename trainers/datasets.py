@@ -126,6 +126,9 @@ def _voc_palette() -> tuple[int, ...]:
 _VOC_PALETTE = _voc_palette()
 
 
+NO_SPACES = "split lists cannot hold paths with spaces (rename the files)"
+
+
 @dataclass(frozen=True)
 class Pair:
     image: str
@@ -145,7 +148,11 @@ def read_list(path: str | Path) -> list[Pair]:
         if not fields:
             continue
         if len(fields) != 2:
-            raise DataError(f"{path}:{number}: expected '<image path> <mask path>', got {line.strip()!r}")
+            # UniMatch's lists split on spaces too: a path with a space cannot be told from two paths.
+            hint = f" ({len(fields)} fields: {NO_SPACES})" if len(fields) > 2 else ""
+            raise DataError(
+                f"{path}:{number}: expected '<image path> <mask path>', got {line.strip()!r}{hint}"
+            )
         pairs.append(Pair(*fields))
     return pairs
 
@@ -153,6 +160,9 @@ def read_list(path: str | Path) -> list[Pair]:
 def write_list(path: str | Path, pairs: Sequence[Pair]) -> None:
     """Write a split list atomically (temp file + rename), one `<image> <mask>` line per pair."""
     path = Path(path)
+    spaced = next((f for p in pairs for f in (p.image, p.mask) if len(f.split()) != 1), None)
+    if spaced is not None:
+        raise DataError(f"{path}: cannot list {spaced!r}: {NO_SPACES}")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(f"{p.image} {p.mask}\n" for p in pairs)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -174,6 +184,14 @@ class SplitFiles:
     unlabeled_list: Path | None
     """None when the unlabeled list was derived from an image folder (COCO)."""
     val_list: Path
+
+    def lists(self) -> dict[str, tuple[list[Pair], Path]]:
+        """Each list with the file it came from (a derived unlabeled list: its split's labeled.txt)."""
+        return {
+            "labeled": (self.labeled, self.labeled_list),
+            "unlabeled": (self.unlabeled, self.unlabeled_list or self.labeled_list),
+            "val": (self.val, self.val_list),
+        }
 
 
 def resolve_split(cfg: DataConfig) -> SplitFiles:
@@ -291,22 +309,27 @@ def _decode_problems(
 
 def check_split(split: SplitFiles) -> list[Problem]:
     """Duplicate images within a list, and images both labeled and unlabeled (unless every one is)."""
-    lists = {"labeled": split.labeled, "unlabeled": split.unlabeled, "val": split.val}
-    files = {"labeled": split.labeled_list, "unlabeled": split.unlabeled_list, "val": split.val_list}
     problems = []
-    for what, pairs in lists.items():
+    for what, (pairs, file) in split.lists().items():
         counts = Counter(p.image for p in pairs)
         dups = sorted(image for image, n in counts.items() if n > 1)
         if dups:
-            problems.append(Problem(what, str(files[what]), f"{len(dups)} duplicate images, first {dups[0]}"))
+            problems.append(Problem(what, str(file), f"{len(dups)} duplicate images, first {dups[0]}"))
     labeled = {p.image for p in split.labeled}
     unlabeled = {p.image for p in split.unlabeled}
     shared = sorted(labeled & unlabeled)
     # A "full" split lists every image as both labeled and unlabeled: that overlap is intended.
     if shared and labeled != unlabeled:
         message = f"{len(shared)} images are both labeled and unlabeled, first {shared[0]}"
-        problems.append(Problem("unlabeled", str(files["unlabeled"] or files["labeled"]), message))
+        problems.append(Problem("unlabeled", str(split.lists()["unlabeled"][1]), message))
     return problems
+
+
+def empty_lists(split: SplitFiles, names: Sequence[str], why: str = "") -> list[Problem]:
+    """A problem for each list of `names` that holds no image; `why` says what needs it."""
+    lists = split.lists()
+    expected = why or "expected one '<image path> <mask path>' line per image"
+    return [Problem(n, str(lists[n][1]), f"empty list ({expected})") for n in names if not lists[n][0]]
 
 
 def check_dataset(
@@ -322,10 +345,12 @@ def check_dataset(
     Labeled and val files are always decoded (their mask values matter and the lists are short);
     `decode` also decodes the large unlabeled set instead of only checking that its files exist.
     """
+    empty = empty_lists(split, ("val",) if val_only else ("labeled", "val"))
     if val_only:
-        return check_pairs(root, split.val, num_classes, ignore_index, True, "val")
+        return empty + check_pairs(root, split.val, num_classes, ignore_index, True, "val")
     return (
-        check_split(split)
+        empty
+        + check_split(split)
         + check_pairs(root, split.labeled, num_classes, ignore_index, True, "labeled")
         + check_pairs(root, split.unlabeled, num_classes, ignore_index, decode, "unlabeled", masks=False)
         + check_pairs(root, split.val, num_classes, ignore_index, True, "val")

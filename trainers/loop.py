@@ -18,7 +18,8 @@ from tqdm import tqdm
 from pretrained.load import WeightsError, load_backbone_weights
 from trainers import checkpoint as ckpt
 from trainers import dist, fast
-from trainers.config import ConfigError, TrainConfig
+from trainers.backbones import BACKBONES
+from trainers.config import ConfigError, TrainConfig, choice
 from trainers.data import Loaders, build_loaders
 from trainers.datasets import check_split_for_training, dataset_spec, resolve_split
 from trainers.errors import NonFiniteLossError
@@ -76,12 +77,14 @@ def fit(
     ctx = dist.context()
     spec = dataset_spec(cfg.data)
     classes = spec.num_classes
+    # Names first: a typo is one line before the data checks decode every labeled and val image.
+    method: Method = build_method(cfg.method, classes, spec.ignore_index)
+    choice("model.backbone", cfg.model.backbone, BACKBONES)
     split = resolve_split(cfg.data)
     check_split_for_training(cfg.data.root, split, classes, spec.ignore_index)
 
     seed_everything(cfg.seed + ctx.rank)
     switches = fast.settings(cfg.fast, ctx.device)
-    method: Method = build_method(cfg.method, classes, spec.ignore_index)
     net = fast.prepare_network(build_network(cfg).to(ctx.device), switches)
     forwarder = Forwarder(net)
     # Method hook (optional): teachers and trainable extras, such as a projection head, built from the

@@ -103,6 +103,27 @@ def overlapping_split(root: Path, tmp: Path) -> list[str]:
     return own_split(root, labeled, unlabeled + [labeled[1]])
 
 
+def empty_val_list(root: Path, tmp: Path) -> list[str]:
+    (root / "splits/val.txt").write_text("")
+    return []
+
+
+def empty_labeled_list(root: Path, tmp: Path) -> list[str]:
+    return own_split(root, [], split_lists(root)[1])
+
+
+def empty_unlabeled_list(root: Path, tmp: Path) -> list[str]:
+    return [*own_split(root, split_lists(root)[0], []), "--set", "method.name=fixmatch"]
+
+
+def path_with_a_space(root: Path, tmp: Path) -> list[str]:
+    labeled, unlabeled = split_lists(root)
+    own_split(root, labeled, unlabeled)
+    with open(root / "splits/mine/labeled.txt", "a") as f:
+        f.write("JPEGImages/my photo.jpg SegmentationClass/my photo.png\n")
+    return ["--set", "data.split=mine"]
+
+
 def weights_of_another_architecture(root: Path, tmp: Path) -> list[str]:
     # A torchvision-style ResNet stem and block: the tiny backbone has neither.
     state = {"conv1.weight": torch.zeros(8, 3, 7, 7), "layer1.0.conv1.weight": torch.zeros(8, 8, 3, 3)}
@@ -191,6 +212,37 @@ CASES = [
     ),
     Case("zero size", overrides("data.crop_size=0"), r"data\.crop_size: expected > 0, got 0$"),
     Case("negative size", overrides("optim.batch_size=-2"), r"optim\.batch_size: expected > 0, got -2$"),
+    Case("log interval of zero", overrides("log_interval=0"), r"log_interval: expected > 0, got 0$"),
+    Case("negative seed", overrides("seed=-1"), r"seed: expected an int in 0\.\.2147483647, got -1$"),
+    Case(
+        "unknown method",
+        overrides("method.name=mean_teacher"),
+        r"method\.name: expected one of \[.*'supervised'.*\], got 'mean_teacher'$",
+    ),
+    Case(
+        "unknown backbone",
+        overrides("model.backbone=resnet18"),
+        r"model\.backbone: expected one of \[.*'tiny'.*\], got 'resnet18'$",
+    ),
+    Case("NaN learning rate", overrides("optim.lr=.nan"), r"optim\.lr: expected a finite number, got nan$"),
+    Case("empty val list", empty_val_list, r"val: \S+/splits/val\.txt: empty list \(expected one "),
+    Case("empty labeled list", empty_labeled_list, r"labeled: \S+/mine/labeled\.txt: empty list \(expected "),
+    Case(
+        "empty unlabeled list",
+        empty_unlabeled_list,
+        r"unlabeled: \S+/mine/unlabeled\.txt: empty list \(method fixmatch trains on unlabeled images\)",
+    ),
+    Case(
+        "batch larger than the unlabeled set",
+        overrides("method.name=fixmatch", "optim.batch_size=13"),
+        r"unlabeled: \S+/1_4/unlabeled\.txt: 12 images, fewer than one batch of 13 per worker x 1 worker",
+    ),
+    Case(
+        "path with a space in a split list",
+        path_with_a_space,
+        r"\S+/mine/labeled\.txt:5: expected '<image path> <mask path>', got 'JPEGImages/my photo\.jpg "
+        r".*\(4 fields: split lists cannot hold paths with spaces",
+    ),
     Case(
         "weights of another architecture",
         weights_of_another_architecture,

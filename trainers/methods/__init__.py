@@ -38,7 +38,7 @@ class Method(Protocol):
 
 
 # Imported after StepOutput and Method are defined: the method modules import them from here.
-from trainers.config import MethodConfig  # noqa: E402
+from trainers.config import MethodConfig, choice  # noqa: E402
 from trainers.methods.fixmatch import FixMatch  # noqa: E402
 from trainers.methods.mspl import MSPL  # noqa: E402
 from trainers.methods.psmt import PSMT  # noqa: E402
@@ -60,6 +60,4 @@ METHODS = {
 
 def build_method(cfg: MethodConfig, num_classes: int, ignore_index: int) -> Method:
     """The method named by `cfg.name`, configured; `num_classes` is accepted for methods that need it."""
-    if cfg.name not in METHODS:
-        raise ValueError(f"method.name: expected one of {sorted(METHODS)}, got {cfg.name!r}")
-    return METHODS[cfg.name].from_config(cfg, ignore_index)
+    return choice("method.name", cfg.name, METHODS).from_config(cfg, ignore_index)
