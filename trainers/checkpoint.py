@@ -136,14 +136,30 @@ def check_writable(folder: Path, key: str = "out_dir") -> None:
         raise ConfigError(f"{key}: {str(folder)!r} is not a writable folder ({exc})") from None
 
 
-def load_resumable(out_dir: Path) -> dict[str, Any] | None:
-    """The newest good checkpoint in `out_dir` (latest, else previous), or None to start fresh."""
+def load_resumable(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest good checkpoint in `out_dir` (latest, else previous) and its file, or None to start fresh.
+
+    A bad latest is skipped with a warning. When none is good but checkpoints are there, a fresh run would
+    overwrite best.pth: one CheckpointError naming them instead.
+    """
+    problems = []
     for name in (LATEST, PREVIOUS):
         path = out_dir / name
         if not path.exists():
             continue
         try:
-            return load(path)
+            state = load(path)
         except CheckpointError as exc:
-            log.warning("skipping bad checkpoint: %s", exc)
+            problems.append(str(exc))
+            continue
+        for problem in problems:
+            log.warning("skipping bad checkpoint: %s", problem)
+        return path, state
+    present = [name for name in (LATEST, PREVIOUS, BEST) if (out_dir / name).exists()]
+    if present:
+        why = "; ".join(problems) or f"no {LATEST} or {PREVIOUS} beside {BEST}"
+        raise CheckpointError(
+            f"{out_dir}: no checkpoint to resume from ({why}); a fresh run would overwrite "
+            f"{', '.join(present)}: pass `--restart` to move them aside and train afresh, or move them away"
+        )
     return None

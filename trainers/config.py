@@ -182,6 +182,17 @@ def choice(key: str, value: str, known: Mapping[str, T]) -> T:
     return known[value]
 
 
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"data.crop_size": 321, ...}."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from trainers import augment, checkpoint
+from trainers import augment, checkpoint, resume
 from trainers.config import TrainConfig, from_dict
 from trainers.datasets import PairDataset, check_split_for_training, dataset_spec, resolve_split, voc_palette
 from trainers.evaluate import EvalResult, evaluate, save_prediction
@@ -25,16 +25,25 @@ def train(
     report: Reporter | None = None,
     resume_state: dict[str, Any] | None = None,
     progress: bool = True,
+    force_resume: bool = False,
 ) -> FitResult:
-    """Run the configured method: one `fit`, or ST++'s stages (each resuming from its own folder)."""
+    """Run the configured method: one `fit`, or ST++'s stages (each resuming from its own folder, checked
+    like `resume.resumable`; `force_resume` accepts a changed config there)."""
     if cfg.method.name == "stpp":
-        return train_stages(cfg, report=report, progress=progress)
+        return train_stages(cfg, report=report, progress=progress, force_resume=force_resume)
     return fit(cfg, report=report, resume_state=resume_state, progress=progress)
 
 
-def train_local(cfg: TrainConfig, report: Reporter | None = None, progress: bool = True) -> FitResult:
-    """Train in this process, resuming from `<out_dir>/latest.pth` when it exists."""
-    return train(cfg, report, checkpoint.load_resumable(Path(cfg.out_dir)), progress)
+def train_local(
+    cfg: TrainConfig,
+    report: Reporter | None = None,
+    progress: bool = True,
+    restart: bool = False,
+    force_resume: bool = False,
+) -> FitResult:
+    """Train in this process, resuming from `<out_dir>/latest.pth` when it exists (see `resume.prepare`)."""
+    state = resume.prepare(cfg, restart, force_resume)
+    return train(cfg, report, state, progress, force_resume)
 
 
 @dataclass

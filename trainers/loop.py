@@ -101,11 +101,12 @@ def fit(
     iters = loaders.iterations(cfg.optim.max_iters_per_epoch)
     total_iters = iters * cfg.optim.epochs
 
-    start_epoch, best = 0, 0.0
+    start_epoch, best, last = 0, 0.0, 0.0
     if resume_state is not None:
         net.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
-        start_epoch, best = resume_state["epoch"], resume_state["best_miou"]
+        # A finished run run again trains no epoch: its result is the checkpoint's, not 0.
+        start_epoch, best, last = resume_state["epoch"], resume_state["best_miou"], resume_state["miou"]
         if "method" in resume_state:
             method.load_state_dict(resume_state["method"])
         ckpt.set_rng_state(resume_state["rng"])
@@ -125,7 +126,7 @@ def fit(
             scaling.lr,
             cfg.optim.lr_scaling,
         )
-    epochs_run, last = [], 0.0
+    epochs_run = []
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
         loaders.set_epoch(epoch)

@@ -27,6 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainers import checkpoint as ckpt
+from trainers import resume
 from trainers.config import ConfigError, TrainConfig, from_dict
 from trainers.entry import train
 from trainers.loop import Reporter
@@ -51,22 +52,26 @@ def train_distributed(
     max_failures: int = 2,
     callbacks: list[Any] | None = None,
     cpus_per_worker: float = WORKER_CPUS,
+    restart: bool = False,
+    force_resume: bool = False,
 ) -> Result:
     """Train `cfg` on `workers` DDP workers through TorchTrainer, resuming from the run's latest checkpoint.
 
     Needs a connected Ray cluster (`semiseg.ray_local.connect`). Relative paths in `cfg` are taken
     from this process's working directory. `callbacks` go to RunConfig (e.g. a Tune trial's
-    `TuneReportCallback()`).
+    `TuneReportCallback()`). `restart` and `force_resume` as in `trainers.resume.prepare`.
     """
     cfg = absolute_paths(cfg)
     storage = storage_path or str(Path(cfg.out_dir) / "ray")
     if "://" not in storage:
         storage = str(Path(storage).resolve())  # Ray reads a relative path as a URI without a scheme
     check_placement(workers, use_gpu, cpus_per_worker)
+    # Here, not in the workers: a refused resume is one error, not a failed worker group retried.
+    resume.prepare(cfg, restart, force_resume)
     check_storage(storage)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "force_resume": force_resume},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=scaling_config(workers, use_gpu, cpus_per_worker),
         run_config=RunConfig(
@@ -164,20 +169,28 @@ def check_storage(storage: str) -> None:
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: the method's training, resumed from the run's checkpoint."""
-    cfg = from_dict(TrainConfig, config["config"])
+    cfg, force = from_dict(TrainConfig, config["config"]), config.get("force_resume", False)
     result = train(
-        cfg, report=ray_reporter(Path(cfg.out_dir)), resume_state=resume_state(cfg), progress=False
+        cfg,
+        report=ray_reporter(Path(cfg.out_dir)),
+        resume_state=resume_state(cfg, force),
+        progress=False,
+        force_resume=force,
     )
     return {"epochs_run": result.epochs_run, "best_miou": result.best_miou, "last_miou": result.last_miou}
 
 
-def resume_state(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The run's latest Ray checkpoint, else `<out_dir>/latest.pth` (an in-process run), else None."""
+def resume_state(cfg: TrainConfig, force: bool = False) -> dict[str, Any] | None:
+    """The run's latest Ray checkpoint, else `<out_dir>/latest.pth` (an in-process run), else None;
+    either checked against `cfg` (`trainers.resume.check`)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return ckpt.load_resumable(Path(cfg.out_dir))
+        return resume.resumable(cfg, force)
     with checkpoint.as_directory() as folder:
-        return ckpt.load(Path(folder) / ckpt.LATEST)
+        path = Path(folder) / ckpt.LATEST
+        state = ckpt.load(path)
+    resume.check(state, cfg, path, force)
+    return state
 
 
 def ray_reporter(out_dir: Path) -> Reporter:

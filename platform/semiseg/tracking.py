@@ -17,6 +17,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
+from trainers.config import flatten as config_flatten
+
 log = logging.getLogger(__name__)
 
 AXIS_TAGS = ("dataset", "split", "seed", "method")
@@ -83,16 +85,9 @@ def open_child(
     return run_id
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(config: dict[str, Any]) -> dict[str, str]:
     """Nested config -> {"data.crop_size": "321", ...} (MLflow params are flat strings)."""
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = str(value)
-    return out
+    return {key: str(value) for key, value in config_flatten(config).items()}
 
 
 def log_params(mlflow: MlflowClient, run_id: str, params: dict[str, str]) -> None:

@@ -148,8 +148,11 @@ def supervised_epochs(epochs: int, num_labeled: int) -> int:
     return 2 * epochs if num_labeled < SMALL_LABELED_SET else epochs
 
 
-def train_stages(cfg: TrainConfig, report: Reporter | None = None, progress: bool = True) -> FitResult:
+def train_stages(
+    cfg: TrainConfig, report: Reporter | None = None, progress: bool = True, force_resume: bool = False
+) -> FitResult:
     """Run ST++'s three stages through `fit`, each resuming from its own folder; returns stage 3's result."""
+    from trainers import resume
     from trainers.loop import build_network, fit, num_classes  # here: trainers.loop imports this module
 
     root, split = Path(cfg.out_dir), resolve_split(cfg.data)
@@ -172,7 +175,7 @@ def train_stages(cfg: TrainConfig, report: Reporter | None = None, progress: boo
             if report is not None:
                 report({**metrics, "stage": float(stage), "epoch": metrics["epoch"] + offset}, path)
 
-        return fit(stage_cfg, stage_report, ckpt.load_resumable(out), progress=progress)
+        return fit(stage_cfg, stage_report, resume.resumable(stage_cfg, force_resume), progress=progress)
 
     if dist.context().is_main:
         write_split(splits / "supervised", split.labeled, [])
