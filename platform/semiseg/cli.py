@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.workers is None and not args.gpu:
         from trainers.entry import train_local
 
-        result = train_local(cfg)
+        result = train_local(cfg, restart=args.restart, force_resume=args.force_resume)
         print(f"mIoU {result.last_miou:.2f} (best {result.best_miou:.2f}) -> {result.out_dir}")
         return
     from semiseg.launch import LaunchError, train_distributed
@@ -36,7 +36,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     try:
         connect()
-        run = train_distributed(cfg, args.workers or 1, use_gpu=args.gpu)
+        run = train_distributed(
+            cfg, args.workers or 1, use_gpu=args.gpu, restart=args.restart, force_resume=args.force_resume
+        )
     except (LaunchError, RayClusterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -199,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="DDP workers under Ray Train (joins $RAY_ADDRESS, else starts a local Ray); default: in-process",
     )
     train.add_argument("--gpu", action="store_true", help="a GPU per Ray worker: NCCL, SyncBatchNorm")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument(
+        "--restart",
+        action="store_true",
+        help="train afresh: move out_dir's files into out_dir/replaced-<time>/ first (nothing is deleted)",
+    )
+    again.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume although the config differs from the checkpoint's (the differences are logged)",
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint; optionally write palette prediction PNGs")
