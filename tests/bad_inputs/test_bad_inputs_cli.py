@@ -321,3 +321,69 @@ def test_bad_split_request_writes_no_split_files(synthetic_root, tmp_path, capsy
     assert code == 2
     assert_one_error_line(err, r"labeled: expected a count in 1\.\.16, got 0$")
     assert not out.exists()
+
+
+def truncate_both_checkpoints(out_dir: Path) -> list[str]:
+    for name in ("latest.pth", "previous.pth"):
+        (out_dir / name).write_bytes((out_dir / name).read_bytes()[:100])
+    return []
+
+
+RESUME_CASES = [
+    Case(
+        "both checkpoints corrupt",
+        lambda out_dir, tmp: truncate_both_checkpoints(out_dir),
+        r"\S+/run: no checkpoint to resume from \(\S+/latest\.pth: SHA-256 does not match .*; "
+        r"\S+/previous\.pth: SHA-256 does not match .*\); a fresh run would overwrite latest\.pth, "
+        r"previous\.pth, best\.pth: pass `--restart` to move them aside",
+    ),
+    Case(
+        "config changed under the same out_dir",
+        overrides("optim.lr=0.02", "method.name=fixmatch"),
+        r"\S+/run/latest\.pth was trained with another config: method\.name: checkpoint 'supervised', "
+        r"config 'fixmatch'; optim\.lr: checkpoint 0\.01, config 0\.02\. .*`--restart`.*`--force-resume`",
+    ),
+    Case(
+        "epochs below those the checkpoint trained",
+        overrides("optim.epochs=1"),
+        r"^error: optim\.epochs: 1 is below the 2 epochs \S+/run/latest\.pth has already trained",
+    ),
+]
+
+
+def run_files(out_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=[c.name for c in RESUME_CASES])
+def test_bad_resume_is_one_clear_error_and_changes_no_file(case, synthetic_root, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_config(synthetic_root, out_dir)))
+    cli.main(["train", "--config", str(config), "--set", "optim.epochs=2"])
+    extra = case.damage(out_dir, tmp_path)
+    before = run_files(out_dir)
+    capsys.readouterr()
+
+    code, err = run_cli(["train", "--config", str(config), "--set", "optim.epochs=2", *extra], capsys)
+
+    assert code == 2
+    assert_one_error_line(err, case.message)
+    assert run_files(out_dir) == before
+
+
+def test_restart_moves_the_run_aside_and_force_resume_accepts_a_change(synthetic_root, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_config(synthetic_root, out_dir)))
+    train = ["train", "--config", str(config)]
+    cli.main(train)
+    cli.main([*train, "--set", "optim.epochs=2", "--set", "optim.lr=0.02", "--force-resume"])
+    resumed = run_files(out_dir)
+    assert torch.load(out_dir / "latest.pth", weights_only=True)["epoch"] == 2
+
+    cli.main([*train, "--restart"])
+    (aside,) = out_dir.glob("replaced-*")
+    assert run_files(aside) == resumed
+    assert torch.load(out_dir / "latest.pth", weights_only=True)["epoch"] == 1
+    assert "mIoU" in capsys.readouterr().out
