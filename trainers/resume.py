@@ -26,11 +26,6 @@ schedule follows the new total), how often losses are logged, loader processes, 
 REPLACED = "replaced-"
 """Prefix of the folders in out_dir that `--restart` moves an earlier run's files into."""
 
-FLAGS = (
-    "`--restart` to train afresh (the old files are moved aside, not deleted), "
-    "or `--force-resume` to continue with the new values"
-)
-
 
 def differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """`key: checkpoint A, config B` for each dotted key whose value differs, MAY_CHANGE aside.
@@ -69,7 +64,9 @@ def check(state: dict[str, Any], cfg: TrainConfig, path: Path, force: bool = Fal
     if changed and not force:
         raise ConfigError(
             f"{path} was trained with another config: {'; '.join(changed)}. "
-            f"Resume with the checkpoint's values, choose another out_dir, pass {FLAGS}"
+            "Resume with the checkpoint's values, choose another out_dir, pass `--restart` to train "
+            "afresh (the old files are moved aside, not deleted), or `--force-resume` to continue with "
+            "the new values"
         )
     if changed:
         log.warning("%s: resuming with a changed config (--force-resume): %s", path, "; ".join(changed))
