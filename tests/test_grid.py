@@ -265,7 +265,7 @@ def test_grid_end_to_end_through_tune_train_and_mlflow(tmp_path):
         assert wanted <= set(child.data.metrics)
         assert [m.step for m in mlflow.get_metric_history(child.info.run_id, "miou")] == [0]
         artifacts = {a.path for a in mlflow.list_artifacts(child.info.run_id)}
-        assert artifacts == {"config.yaml", "curves.png", "overlays.png"}
+        assert artifacts == {"config.yaml", "curves.png", "overlays.png", launch.RUN_LOG}
         assert {r["master_addr"] for r in launch.read_reports(trial.config.out_dir)} == {"127.0.0.1"}
     logged = {a.path for a in mlflow.list_artifacts(parent.info.run_id, "table")}
     assert {"table/table.md", "table/table.parquet", "table/table.csv", "table/miou_vs_labels.png"} == logged
@@ -280,6 +280,54 @@ def test_grid_end_to_end_through_tune_train_and_mlflow(tmp_path):
         assert cell.best_mean == pytest.approx(last["best_miou"])
         assert cell.last_mean == pytest.approx(last["miou"])
         assert cell.device_hours == pytest.approx(last["epoch_time"] / 3600)
+
+
+RAY_NOISE = ("WARNING", "Warning", "(raylet)", "pid=", "Failed to query", "Ray", "Trial status", "╭")
+"""What Ray, Ray Train and Tune print on their own (worker prefixes, warnings, Tune's tables)."""
+
+
+def _console_run(tmp_path: Path, name: str, seeds: list[int], *extra: str) -> tuple[Path, subprocess.Popen]:
+    raw = tiny_grid(
+        tmp_path / name, name=name, axes={"method": ["supervised"], "split": ["1_2"], "seed": seeds}
+    )
+    path = write(tmp_path, raw, f"{name}.yaml")
+    # stdout is a pipe, not a terminal: plain status lines, not a block rewritten in place.
+    command = _grid_command(path, *extra)
+    return path, subprocess.Popen(
+        command, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_grid_console_is_a_status_line_per_trial_and_the_table(tmp_path):
+    (quiet, quiet_run), (_, verbose_run) = (
+        _console_run(tmp_path, "quiet", [0, 1]),
+        _console_run(tmp_path, "loud", [0], "--verbose"),
+    )
+    out, loud = quiet_run.communicate(timeout=900)[0], verbose_run.communicate(timeout=900)[0]
+    assert quiet_run.returncode == 0 and verbose_run.returncode == 0, (out + loud)[-3000:]
+    grid = load_grid(quiet)
+    table = (grid.storage / "table" / "table.md").read_text().splitlines()
+    lines = out.splitlines()
+    status, tail = lines[: -len(table) - 2], lines[-len(table) - 2 :]
+    # Status lines, the table, where the table is; nothing else.
+    assert tail[:-1] == ["", *table] and tail[-1].startswith("table -> ")
+    assert len(lines) <= 3 * len(grid.trials) + len(table) + 2 < 40
+    assert not [line for line in lines if any(noise in line for noise in RAY_NOISE)]
+    labels = {t.key: f"supervised 1_2 seed {t.axes['seed']}  " for t in grid.trials}
+    assert all(any(line.startswith(label) for label in labels.values()) for line in status)
+    mlflow, experiment, parent = _store(grid)
+    children = _children_by_key(mlflow, experiment, parent.info.run_id)
+    for trial in grid.trials:
+        mine = [line for line in status if line.startswith(labels[trial.key])]
+        assert mine[0].startswith(f"{labels[trial.key]}started, log: ")
+        assert mine[-1].startswith(f"{labels[trial.key]}done  epoch 1/1  mIoU ")
+        assert sum("log: " in line for line in mine) == 1
+        run_log = tmp_path / mine[0].split("log: ")[1]
+        assert run_log == Path(trial.config.out_dir) / launch.RUN_LOG
+        assert "rank 0 INFO trainers.loop: epoch 0: mIoU" in run_log.read_text()
+        assert launch.RUN_LOG in {a.path for a in mlflow.list_artifacts(children[trial.key].info.run_id)}
+    # --verbose brings back what the workers print, each line prefixed by its Ray actor.
+    assert "(RayTrainWorker pid=" in loud and "epoch 0: mIoU" in loud
 
 
 def test_u2pl_stpp_and_psmt_train_through_the_grid_into_the_table(ray_cluster, tmp_path):

@@ -100,12 +100,15 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
     grid = load_grid(args.file)
     try:
-        outcome = run(grid, resume=args.resume, address=args.address)
+        outcome = run(grid, resume=args.resume, address=args.address, verbose=args.verbose)
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    print(outcome.table.paths["md"].read_text())
-    print(f"table -> {outcome.table.paths['md'].parent}; runs in MLflow: `semiseg ui {args.file}`")
+    print("\n" + outcome.table.paths["md"].read_text().rstrip("\n"))
+    print(
+        f"table -> {outcome.table.paths['md'].parent}; again: `semiseg table {args.file}`; "
+        f"runs in MLflow: `semiseg ui {args.file}`"
+    )
     if outcome.interrupted:
         print(f"interrupted: continue with `semiseg grid {args.file} --resume`", file=sys.stderr)
         sys.exit(130)
@@ -278,10 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("file", help="grid file, e.g. experiments/demo.yaml")
     grid.add_argument("--resume", action="store_true", help="continue an interrupted grid (Tuner.restore)")
     grid.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a private one)")
+    grid.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's and the workers' output (else in each run.log)",
+    )
     grid.set_defaults(func=cmd_grid)
 
     table = sub.add_parser("table", help="the paper-style mIoU table of a grid, from its MLflow store")
-    table.add_argument("target", help="grid file, or experiment name (store: runs/<name>/mlflow.db)")
+    table.add_argument("target", help="grid file, its storage folder (runs/<name>), or experiment name")
     table.add_argument("--out", help="folder for table.md/.csv/.parquet and the plot (<storage>/table)")
     table.add_argument("--tracking-uri", help="default: the grid's, or $MLFLOW_TRACKING_URI")
     table.add_argument("--parent", help="MLflow run id of the grid run (default: the latest)")
@@ -289,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.set_defaults(func=cmd_table)
 
     ui = sub.add_parser("ui", help="the MLflow UI over a grid's store, on 127.0.0.1")
-    ui.add_argument("target", help="grid file, or experiment name")
+    ui.add_argument("target", help="grid file, its storage folder (runs/<name>), or experiment name")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", help="default: the grid's, or $MLFLOW_TRACKING_URI")
     ui.set_defaults(func=cmd_ui)

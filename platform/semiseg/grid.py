@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ GRID_KEYS = (
 PATH_KEYS = (("data", "root"), ("data", "split_dir"), ("data", "val_list"), ("model", "pretrained"))
 """Config paths made absolute on load: Tune runs each trial in its own working directory."""
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -263,9 +265,12 @@ def _check_split(grid: Grid, dataset: str, split: str, root: str) -> None:
         raise ConfigError(f"{key}: dataset {dataset!r} has no split {split!r} {where}")
 
 
+STATE_FILE = "grid.json"
+
+
 def state_file(grid: Grid) -> Path:
     """Where the driver keeps the MLflow parent run id between an interrupted run and its --resume."""
-    return grid.storage / "grid.json"
+    return grid.storage / STATE_FILE
 
 
 def read_state(grid: Grid) -> dict[str, str] | None:
@@ -309,16 +314,20 @@ def prepare(grid: Grid) -> None:
         raise ConfigError(f"{grid.path}: {exc}") from None
 
 
-def run(grid: Grid, resume: bool = False, address: str | None = None) -> GridRun:
+def run(grid: Grid, resume: bool = False, address: str | None = None, verbose: bool = False) -> GridRun:
     """Run every trial of `grid` with Ray Tune (or continue an interrupted run with `resume`), then build
-    the table from MLflow. Concurrency follows the cluster: as many trials as their workers fit."""
+    the table from MLflow. Concurrency follows the cluster: as many trials as their workers fit. The
+    console shows one line per trial (`semiseg.console`); `verbose` adds Ray's and the workers' output."""
     from ray import tune
 
     from semiseg import ray_local, tables, tracking
+    from semiseg.console import GridConsole
 
+    if not verbose:
+        quiet_driver()
     prepare(grid)
     state = _driver_state(grid, resume)
-    ray_local.connect(address)
+    ray_local.connect(address, quiet=not verbose)
     trainable = tune.with_resources(tune.with_parameters(run_trial, grid=grid, **state), {"CPU": TRIAL_CPUS})
     if resume:
         tuner = tune.Tuner.restore(str(grid.tune_dir), trainable, resume_unfinished=True, resume_errored=True)
@@ -327,7 +336,12 @@ def run(grid: Grid, resume: bool = False, address: str | None = None) -> GridRun
             trainable,
             param_space={axis: tune.grid_search(values) for axis, values in grid.axes.items()},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(grid)),
-            run_config=tune.RunConfig(name=grid.tune_dir.name, storage_path=str(grid.storage)),
+            run_config=tune.RunConfig(
+                name=grid.tune_dir.name,
+                storage_path=str(grid.storage),
+                verbose=0,  # GridConsole replaces Tune's progress tables
+                callbacks=[GridConsole(grid)],
+            ),
         )
     results = tuner.fit()
     mlflow = tracking.client(grid.tracking_uri)
@@ -343,6 +357,13 @@ def run(grid: Grid, resume: bool = False, address: str | None = None) -> GridRun
         failed = [r.path for r in results if r.error is not None]
         raise GridError(f"{grid.path}: {len(failed)} of {len(results)} trials failed; see {failed}")
     return GridRun(table, results, interrupted)
+
+
+def quiet_driver() -> None:
+    """Keep MLflow's INFO lines (its store set-up) and Tune's banners off this process's console."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow configures it when imported
+    # Tune's default output engine prints an experiment banner even at verbose=0; the legacy one does not.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
 
 def concurrency(grid: Grid) -> int:
@@ -386,12 +407,20 @@ def _driver_state(grid: Grid, resume: bool) -> dict[str, str]:
 
 
 def run_trial(params: dict[str, Any], grid: Grid, experiment_id: str, parent_run_id: str) -> None:
-    """One Tune trial (driver side): open its MLflow child run, train through TorchTrainer, log artifacts."""
+    """One Tune trial (driver side): open its MLflow child run, train through TorchTrainer, log artifacts
+    (the trial's run.log among them, failed or not)."""
+    from semiseg import launch
+
+    trial = grid.trial(params)
+    with launch.capture_logs(Path(trial.config.out_dir) / launch.RUN_LOG, "trial"):
+        _train_trial(grid, trial, experiment_id, parent_run_id)
+
+
+def _train_trial(grid: Grid, trial: Trial, experiment_id: str, parent_run_id: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from semiseg import launch, tracking
 
-    trial = grid.trial(params)
     mlflow = tracking.client(grid.tracking_uri)
     if finished_in_mlflow(mlflow, experiment_id, parent_run_id, trial.key):
         return
@@ -416,8 +445,11 @@ def run_trial(params: dict[str, Any], grid: Grid, experiment_id: str, parent_run
         tracking.backfill(mlflow, run_id, launch.read_reports(trial.config.out_dir))
         log_trial_artifacts(mlflow, run_id, trial, result)
     except Exception as exc:
+        log.exception("%s failed", trial.key)
+        tracking.log_file(mlflow, run_id, Path(trial.config.out_dir) / launch.RUN_LOG)
         tracking.fail(mlflow, run_id, exc)
         raise
+    tracking.log_file(mlflow, run_id, Path(trial.config.out_dir) / launch.RUN_LOG)
     tracking.finish(mlflow, run_id)
 
 
@@ -429,7 +461,7 @@ def finished_in_mlflow(mlflow: Any, experiment_id: str, parent_run_id: str, key:
     run_id = tracking.find_child(mlflow, experiment_id, parent_run_id, key)
     if run_id is None or mlflow.get_run(run_id).info.status != "FINISHED":
         return False
-    print(f"{key}: already finished in MLflow (run {run_id}); not run again", flush=True)
+    log.info("%s: already finished in MLflow (run %s); not run again", key, run_id)
     return True
 
 
@@ -471,18 +503,31 @@ def log_trial_artifacts(mlflow: Any, run_id: str, trial: Trial, result: Any) -> 
 
 
 def locate(target: str, tracking_uri: str | None = None) -> tuple[str, str, Path]:
-    """(tracking URI, experiment name, storage folder) of a grid file, or of an experiment name whose
-    store is $MLFLOW_TRACKING_URI or the default runs/<name>/mlflow.db."""
+    """(tracking URI, experiment name, storage folder) of a grid file (experiments/demo.yaml), a grid's
+    storage folder (runs/demo), or an experiment name whose store is $MLFLOW_TRACKING_URI or the default
+    runs/<name>/mlflow.db."""
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         grid = load_grid(target)
         return tracking_uri or grid.tracking_uri, grid.name, grid.storage
-    storage = Path("runs", target).resolve()
+    folder = Path(target).resolve()
+    is_storage = (folder / "mlflow.db").is_file() or (folder / STATE_FILE).is_file()
+    storage = folder if is_storage else Path("runs", target).resolve()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
         if not (storage / "mlflow.db").is_file():
             raise ConfigError(
-                f"{target}: no grid file and no MLflow store at {storage / 'mlflow.db'} "
+                f"{target}: no grid file, grid storage folder or MLflow store at {storage / 'mlflow.db'} "
                 f"(pass the grid file, --tracking-uri, or set MLFLOW_TRACKING_URI)"
             )
         uri = f"sqlite:///{storage}/mlflow.db"
-    return uri, target, storage
+    return uri, _experiment_name(storage, uri) if is_storage else target, storage
+
+
+def _experiment_name(storage: Path, uri: str) -> str:
+    """The experiment a grid's storage folder recorded in its state file, else the folder's name."""
+    from semiseg import tracking
+
+    state = storage / STATE_FILE
+    if not state.is_file():
+        return storage.name
+    return tracking.client(uri).get_experiment(json.loads(state.read_text())["experiment_id"]).name

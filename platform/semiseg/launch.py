@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,11 @@ WORKER_CPUS = 0.99
 
 REPORTS = "ray_reports.jsonl"
 """Rank 0 appends each epoch's metrics and its pid/node once reported, across restarts: what a fault cost."""
+
+
+RUN_LOG = "run.log"
+"""In `<out_dir>`: what every worker of the run (and, in a grid, the trial's driver function) logged,
+appended across restarts. The console shows none of it unless asked (`semiseg grid --verbose`)."""
 
 
 class LaunchError(RuntimeError):
@@ -170,14 +178,40 @@ def check_storage(storage: str) -> None:
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: the method's training, resumed from the run's checkpoint."""
     cfg, force = from_dict(TrainConfig, config["config"]), config.get("force_resume", False)
-    result = train(
-        cfg,
-        report=ray_reporter(Path(cfg.out_dir)),
-        resume_state=resume_state(cfg, force),
-        progress=False,
-        force_resume=force,
-    )
+    rank = ray.train.get_context().get_world_rank()
+    with capture_logs(Path(cfg.out_dir) / RUN_LOG, f"rank {rank}"):
+        result = train(
+            cfg,
+            report=ray_reporter(Path(cfg.out_dir)),
+            resume_state=resume_state(cfg, force),
+            progress=False,
+            force_resume=force,
+        )
     return {"epochs_run": result.epochs_run, "best_miou": result.best_miou, "last_miou": result.last_miou}
+
+
+@contextmanager
+def capture_logs(path: Path, source: str) -> Iterator[None]:
+    """Append this process's log records (root logger, Ray's and Ray Train's) to `path` while inside,
+    each line naming `source`. Ray Train sends a worker's `print` to the root logger too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)  # append mode: several ranks, restarts and resumes share the file
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {source} %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)  # Ray Train's loggers pass DEBUG records on to their handlers
+    root = logging.getLogger()
+    # `ray` and Train's `ray.train` do not pass their records on to the root logger.
+    loggers = [root] + [log for log in map(logging.getLogger, ("ray", "ray.train")) if not log.propagate]
+    level = root.level
+    root.setLevel(min(root.getEffectiveLevel(), logging.INFO))
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 def resume_state(cfg: TrainConfig, force: bool = False) -> dict[str, Any] | None:

@@ -224,6 +224,15 @@ def fail(mlflow: MlflowClient, run_id: str, exc: BaseException) -> None:
         log.error("MLflow: cannot mark run %s FAILED (%s); it failed with %s", run_id, store_error, reason)
 
 
+def log_file(mlflow: MlflowClient, run_id: str, path: Path) -> None:
+    """Attach a log file to a run as an artifact; a store that refuses it is logged, not raised: a log
+    must not fail the trial it describes."""
+    try:
+        mlflow.log_artifact(run_id, str(path))
+    except Exception as exc:
+        log.warning("MLflow: cannot attach %s to run %s (%s)", path, run_id, _one_line(exc))
+
+
 def _one_line(exc: BaseException) -> str:
     """The last non-empty line of an error's message (a traceback's is its `Type: message` line)."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
