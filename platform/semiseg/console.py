@@ -48,6 +48,7 @@ class GridConsole(tune.Callback):
         self._running: dict[str, str] = {}
         self._printed_at: dict[str, float] = {}
         self._drawn = 0
+        self._width = max(len(self._text(t.axes)) for t in self.grid.trials)  # lines in columns
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         """Say where the trial's log is, once."""
@@ -86,7 +87,9 @@ class GridConsole(tune.Callback):
         self._emit([f"{self._label(trial)}  {outcome}{progress}"])
 
     def _label(self, trial: Trial) -> str:
-        axes = self.grid.trial(trial.config).axes
+        return self._text(self.grid.trial(trial.config).axes).ljust(self._width)
+
+    def _text(self, axes: dict[str, Any]) -> str:
         dataset = f"{axes['dataset']} " if "dataset" in self.grid.axes else ""
         return f"{dataset}{axes['method']} {axes['split']} seed {axes['seed']}"
 
