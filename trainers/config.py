@@ -50,11 +50,19 @@ class DataConfig:
     """original | center_crop | sliding_window; default: the dataset's."""
     num_workers: int = 2
     """DataLoader worker processes per training process."""
+    loader_timeout_s: float = 300.0
+    """Seconds a training process waits for one batch from its loader workers before failing with an
+    error (a hung worker, a stalled file system) instead of waiting forever; 0 = wait forever. Only with
+    num_workers > 0: without workers there is nothing to wait for."""
 
     def __post_init__(self) -> None:
         _positive(self, "crop_size", "data")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+        if self.loader_timeout_s < 0:
+            raise ConfigError(
+                f"data.loader_timeout_s: expected >= 0 (0 = no timeout), got {self.loader_timeout_s}"
+            )
         if self.num_classes is not None:
             _positive(self, "num_classes", "data")
         if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
@@ -152,12 +160,26 @@ class FastConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    """Settings of the process group, which the launcher (Ray Train's TorchConfig) initialises."""
+
+    timeout_s: int = 600
+    """Seconds a collective (all-reduce, broadcast, barrier) waits for the other ranks before it fails,
+    so a hung or lost rank ends in an error (and a restart from the checkpoint) after 10 minutes, not
+    torch's 30. Raise it when one rank may work alone for longer (a slow checkpoint store)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "timeout_s", "dist")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     fast: FastConfig = field(default_factory=FastConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
     out_dir: str = "runs/default"
     """Checkpoints (latest.pth, best.pth) and logs of this run."""

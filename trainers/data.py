@@ -72,6 +72,7 @@ def build_loaders(
         pin_memory=ctx.device.type == "cuda",
         drop_last=True,
         persistent_workers=cfg.data.num_workers > 0,
+        timeout=loader_timeout(cfg),
     )
 
     def sampler(dataset, seed):
@@ -104,9 +105,18 @@ def build_loaders(
     val = PairDataset(root, split.val, augment.eval_transform(), decode=decode)
     val_shard = Subset(val, list(range(ctx.rank, len(val), ctx.world_size)))
     val_loader = DataLoader(
-        val_shard, batch_size=1, num_workers=min(cfg.data.num_workers, 1), collate_fn=augment.collate_labeled
+        val_shard,
+        batch_size=1,
+        num_workers=min(cfg.data.num_workers, 1),
+        collate_fn=augment.collate_labeled,
+        timeout=loader_timeout(cfg),
     )
     return Loaders(labeled_loader, unlabeled_loader, mix_loader, val_loader)
+
+
+def loader_timeout(cfg: TrainConfig) -> float:
+    """`data.loader_timeout_s` for loaders with worker processes; 0 without (torch ignores it there)."""
+    return cfg.data.loader_timeout_s if cfg.data.num_workers > 0 else 0.0
 
 
 def check_epoch(split: SplitFiles, views: ViewSpec, method: str, world_size: int, batch_size: int) -> None:

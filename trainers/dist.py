@@ -7,6 +7,7 @@ the trainer reads rank and world size from it and works unchanged in one plain p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -77,3 +78,12 @@ def barrier() -> None:
     """Wait for every process (no-op in one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def collective_timeout() -> timedelta | None:
+    """How long a collective of this process's default process group waits (None without a group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.distributed_c10d._get_default_group()
+    # The launcher's `timeout=` lives on the backend's options; torch has no public getter for it.
+    return group._get_backend(context().device).options._timeout

@@ -126,6 +126,12 @@ def fit(
             scaling.lr,
             cfg.optim.lr_scaling,
         )
+        if ctx.world_size > 1:
+            log.info(
+                "%d ranks; a collective fails after %s without them all",
+                ctx.world_size,
+                dist.collective_timeout(),
+            )
     epochs_run = []
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()

@@ -19,9 +19,17 @@ from trainers.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-MAY_CHANGE = ("optim.epochs", "log_interval", "data.num_workers", "out_dir")
+MAY_CHANGE = (
+    "optim.epochs",
+    "log_interval",
+    "data.num_workers",
+    "data.loader_timeout_s",
+    "dist.timeout_s",
+    "out_dir",
+)
 """Keys a resume may change: the epoch count (to extend a run, never below the epochs trained; the poly
-schedule follows the new total), how often losses are logged, loader processes, and the run's folder."""
+schedule follows the new total), how often losses are logged, loader processes, how long loaders and
+collectives wait before failing, and the run's folder."""
 
 REPLACED = "replaced-"
 """Prefix of the folders in out_dir that `--restart` moves an earlier run's files into."""

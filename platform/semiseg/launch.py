@@ -80,7 +80,7 @@ def train_distributed(
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "force_resume": force_resume},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=torch_config(cfg, use_gpu),
         scaling_config=scaling_config(workers, use_gpu, cpus_per_worker),
         run_config=RunConfig(
             name=name or run_name(cfg),
@@ -107,6 +107,11 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     )
     model = replace(cfg.model, pretrained=absolute(cfg.model.pretrained))
     return replace(cfg, data=data, model=model, out_dir=absolute(cfg.out_dir))
+
+
+def torch_config(cfg: TrainConfig, use_gpu: bool) -> TorchConfig:
+    """NCCL on GPU, gloo on CPU; collectives fail after `dist.timeout_s` instead of torch's 30 minutes."""
+    return TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.dist.timeout_s)
 
 
 def scaling_config(workers: int, use_gpu: bool, cpus_per_worker: float = WORKER_CPUS) -> ScalingConfig:
