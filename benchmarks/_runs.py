@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import synth_alt
 import torch
 import yaml
 from _machine import machine
@@ -29,7 +30,7 @@ from _machine import machine
 from trainers.config import TrainConfig, load_config
 from trainers.datasets import resolve_split
 from trainers.entry import train_local
-from trainers.synth import ensure_generated
+from trainers.synth import ensure_generated, render
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "synthetic.yaml"
@@ -73,12 +74,20 @@ def add_options(parser: argparse.ArgumentParser, seeds: str, name: str) -> None:
     add("--num-train", type=int, default=400, help="generated train images")
     add("--num-val", type=int, default=100, help="generated val images")
     add("--classes", type=int, default=DEFAULT_CLASSES, help="classes including background")
+    add(
+        "--generator",
+        choices=("synth", "alt"),
+        default="synth",
+        help="trainers.synth or benchmarks/synth_alt.py",
+    )
     add("--data-seed", type=int, default=0, help="seed of the generated data and its splits")
     add("--batch-size", type=int, default=None, help="labeled (and unlabeled) batch; None = the config's")
     add("--lr", type=float, default=DEFAULT_LR, help="backbone lr at the reference batch")
     add("--conf-thresh", type=float, default=None, help="pseudo-label threshold; None = the config's")
     add("--max-iters", type=int, default=None, help="cap on iterations per epoch")
     add("--method-set", action="append", default=[], metavar="KEY=VALUE", help="a method.KEY for every run")
+    add("--backbone", default=None, help="model.backbone; None = the config's")
+    add("--dilations", default=None, help="ASPP rates as a,b,c; None = the config's")
     add("--threads", type=int, default=1, help="torch CPU threads per run")
     add("--jobs", type=int, default=2, help="runs trained at the same time, each in its own process")
     add("--out", type=Path, default=REPO / "runs" / "bench" / name, help="data, runs and results.jsonl")
@@ -94,6 +103,7 @@ def prepare_data(args: argparse.Namespace) -> Path:
     """Generate the synthetic dataset under `<out>/data` unless it is already there with these options."""
     return ensure_generated(
         args.out / "data",
+        renderer=synth_alt.render if args.generator == "alt" else render,
         num_train=args.num_train,
         num_val=args.num_val,
         size=args.size,
@@ -113,7 +123,13 @@ def run_config(args: argparse.Namespace, data: Path, spec: RunSpec) -> TrainConf
     for setting in args.method_set:
         key, _, value = setting.partition("=")
         method[key] = yaml.safe_load(value)
+    model: dict[str, Any] = {}
+    if args.backbone is not None:
+        model["backbone"] = args.backbone
+    if args.dilations is not None:
+        model["dilations"] = [int(d) for d in args.dilations.split(",")]
     overrides = {
+        "model": model,
         # No loader workers: the run's CPU time is then its own process's, and runs do not compete.
         "data": {"root": str(data), "split": spec.split, "crop_size": args.crop, "num_workers": 0},
         "method": method,

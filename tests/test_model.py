@@ -19,7 +19,10 @@ PARAM_COUNTS = {
     "resnet50_tv": 40_352_181,
     "xception65": 54_711_461,
     "tiny": 121_909,
+    "small": 1_029_741,
 }
+OUTPUT_STRIDES = {"small": 8}
+"""Every other backbone has UniMatch's output stride 16."""
 
 
 @functools.cache
@@ -38,15 +41,17 @@ def tiny_model(num_classes: int = 5, seed: int = 0) -> DeepLabV3Plus:
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone_has_its_pinned_size_stride_4_and_16_features_and_full_size_logits(name):
+def test_every_backbone_has_its_pinned_size_stride_4_and_output_stride_features_and_full_size_logits(name):
     net = built(name)
     assert count(net) == PARAM_COUNTS[name]
+    stride = OUTPUT_STRIDES.get(name, 16)
+    assert net.backbone.output_stride == stride
     x = torch.randn(1, 3, 33, 49)
     with torch.no_grad():
         c1, c4 = net.encode(x)
         out = net.decode(c1, c4, x.shape[-2:])
     assert c1.shape == (1, net.backbone.low_channels, math.ceil(33 / 4), math.ceil(49 / 4))
-    assert c4.shape == (1, net.backbone.high_channels, math.ceil(33 / 16), math.ceil(49 / 16))
+    assert c4.shape == (1, net.backbone.high_channels, math.ceil(33 / stride), math.ceil(49 / stride))
     assert out.shape == (1, 21, 33, 49)
 
 

@@ -1,12 +1,14 @@
 """Backbone variants by name. Each returns a module whose `forward(x)` gives (c1, c4).
 
-c1: stride 4 with `low_channels`; c4: stride 16 with `high_channels`. `reduce_channels` and
-`fuse_channels` are the decoder widths the model pairs with the backbone.
+c1: stride 4 with `low_channels`; c4: stride `output_stride` (16; 8 for `small`) with
+`high_channels`. `reduce_channels` and `fuse_channels` are the decoder widths the model pairs
+with the backbone.
 """
 
 from __future__ import annotations
 
 from trainers.backbones.resnet import resnet50, resnet50_tv, resnet101, resnet101_tv
+from trainers.backbones.small import small
 from trainers.backbones.tiny import tiny
 from trainers.backbones.xception import xception65
 
@@ -17,4 +19,5 @@ BACKBONES = {
     "resnet101_tv": resnet101_tv,
     "xception65": xception65,
     "tiny": tiny,
+    "small": small,
 }

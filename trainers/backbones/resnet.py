@@ -57,6 +57,7 @@ class ResNet(nn.Module):
 
     low_channels = 256
     high_channels = 2048
+    output_stride = 16
     reduce_channels = 48
     fuse_channels = 256
 

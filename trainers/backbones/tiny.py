@@ -35,6 +35,7 @@ class BasicBlock(nn.Module):
 class Tiny(nn.Module):
     low_channels = 16
     high_channels = 64
+    output_stride = 16
     # The decoder shrinks with the backbone; UniMatch's 48/256 would dwarf a 64-channel encoder.
     reduce_channels = 16
     fuse_channels = 32
