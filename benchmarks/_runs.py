@@ -225,7 +225,8 @@ def describe(args: argparse.Namespace, specs: Sequence[RunSpec]) -> str:
     return "\n".join(
         [
             f"- data: synthetic, {args.num_train} train / {args.num_val} val images of {args.size} px, "
-            f"{args.classes} classes (incl. background), data seed {args.data_seed}",
+            f"{args.classes} classes (incl. background), data seed {args.data_seed}, "
+            f"generator {args.generator}",
             f"- model: {cfg.model.backbone} backbone (DeepLabV3+), from scratch",
             f"- schedule: {o.epochs} epochs, batch {o.batch_size} labeled (+ {o.batch_size} unlabeled for "
             f"the semi-supervised methods), "
