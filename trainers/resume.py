@@ -41,14 +41,21 @@ def differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     Keys a checkpoint predates count as their default; paths naming the same file are the same value.
     """
     before = flatten(TrainConfig().to_dict()) | flatten(saved)
-    now = flatten(cfg.to_dict())
-    keys = sorted((before.keys() | now.keys()) - set(MAY_CHANGE))
-    absent = "<absent>"
-    return [
-        f"{k}: checkpoint {before.get(k, absent)!r}, config {now.get(k, absent)!r}"
-        for k in keys
-        if not _same(before.get(k, absent), now.get(k, absent))
-    ]
+    changed = changed_keys(before, flatten(cfg.to_dict()), MAY_CHANGE)
+    return [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changed]
+
+
+ABSENT = "<absent>"
+
+
+def changed_keys(
+    before: dict[str, Any], now: dict[str, Any], skip: tuple[str, ...] = ()
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, now) for each key of two flat mappings whose values differ, `skip` aside, in
+    key order; a key missing on one side is ABSENT there, and paths naming the same file are the same."""
+    keys = sorted((before.keys() | now.keys()) - set(skip))
+    pairs = [(k, before.get(k, ABSENT), now.get(k, ABSENT)) for k in keys]
+    return [(k, a, b) for k, a, b in pairs if not _same(a, b)]
 
 
 def _same(a: Any, b: Any) -> bool:

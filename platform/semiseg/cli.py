@@ -98,9 +98,11 @@ def cmd_grid(args: argparse.Namespace) -> None:
     """Run (or --resume) an experiment grid with Ray Tune; print the table built from MLflow."""
     from semiseg.grid import GridError, load_grid, run
 
+    if args.force and not args.resume:
+        raise ConfigError("--force: only with --resume (it accepts a changed grid file when resuming)")
     grid = load_grid(args.file)
     try:
-        outcome = run(grid, resume=args.resume, address=args.address, verbose=args.verbose)
+        outcome = run(grid, args.resume, args.address, args.verbose, force=args.force)
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -281,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("file", help="grid file, e.g. experiments/demo.yaml")
     grid.add_argument("--resume", action="store_true", help="continue an interrupted grid (Tuner.restore)")
     grid.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a private one)")
+    grid.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue although the grid file changed, if the trials stay the same and no "
+        "finished trial's config changes (unfinished ones take the new values)",
+    )
     grid.add_argument(
         "--verbose",
         action="store_true",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from semiseg import storage
 from trainers.config import ConfigError, MethodConfig, TrainConfig, from_dict, load_yaml, merge
 
 AXES = {
@@ -303,9 +304,12 @@ def prepare(grid: Grid) -> None:
     from trainers.config import check_paths
     from trainers.synth import ensure_generated
 
-    for trial in grid.trials:
-        if trial.axes["dataset"] == "synthetic" and grid.synth is not None:
-            ensure_generated(trial.config.data.root, **grid.synth)
+    synthetic = {t.config.data.root for t in grid.trials if t.axes["dataset"] == "synthetic"}
+    roots = sorted(synthetic) if grid.synth is not None else []
+    for root in roots:  # every root checked before any is written
+        check_synth_root(grid, Path(root))
+    for root in roots:
+        ensure_generated(root, **grid.synth)
     try:
         for trial in grid.trials:
             check_paths(trial.config)
@@ -314,10 +318,27 @@ def prepare(grid: Grid) -> None:
         raise ConfigError(f"{grid.path}: {exc}") from None
 
 
-def run(grid: Grid, resume: bool = False, address: str | None = None, verbose: bool = False) -> GridRun:
-    """Run every trial of `grid` with Ray Tune (or continue an interrupted run with `resume`), then build
-    the table from MLflow. Concurrency follows the cluster: as many trials as their workers fit. The
-    console shows one line per trial (`semiseg.console`); `verbose` adds Ray's and the workers' output."""
+def check_synth_root(grid: Grid, root: Path) -> None:
+    """`synth:` writes only inside the grid's storage, into an absent or empty folder, or over a dataset it
+    generated (synth.json): never into a folder of other files, such as a real dataset's."""
+    inside = root.resolve().is_relative_to(grid.storage)
+    if inside or not root.exists() or (root / "synth.json").is_file() or not any(root.iterdir()):
+        return
+    raise ConfigError(
+        f"{grid.path}: base.data.root: {str(root)!r} holds files but no synth.json: synth: generates a "
+        f"dataset only inside the grid's storage ({grid.storage}), into a new or empty folder, or over one "
+        "it generated before; drop synth: to train on this folder as it is, or point data.root elsewhere"
+    )
+
+
+@storage.locked
+def run(
+    grid: Grid, resume: bool = False, address: str | None = None, verbose: bool = False, force: bool = False
+) -> GridRun:
+    """Run every trial of `grid` with Ray Tune (or continue an interrupted run with `resume`; `force`: with
+    a changed grid file, see `semiseg.grid_changes`), then build the table from MLflow. Concurrency
+    follows the cluster: as many trials as their workers fit. The console shows one line per trial
+    (`semiseg.console`); `verbose` adds Ray's and the workers' output. Holds the storage folder's lock."""
     from ray import tune
 
     from semiseg import ray_local, tables, tracking
@@ -325,10 +346,13 @@ def run(grid: Grid, resume: bool = False, address: str | None = None, verbose: b
 
     if not verbose:
         quiet_driver()
+    # A resume is checked before anything is written: prepare() may generate data.
+    state = _existing_state(grid, resume, force)
     prepare(grid)
-    state = _driver_state(grid, resume)
+    state = state or _new_state(grid)
     ray_local.connect(address, quiet=not verbose)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, grid=grid, **state), {"CPU": TRIAL_CPUS})
+    trial_function = tune.with_parameters(run_trial, grid=grid, force=force, **state)
+    trainable = tune.with_resources(trial_function, {"CPU": TRIAL_CPUS})
     if resume:
         tuner = tune.Tuner.restore(str(grid.tune_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -373,21 +397,35 @@ def concurrency(grid: Grid) -> int:
     return grid.max_concurrent_trials or max(1, placeable_workers(grid.use_gpu) // grid.workers)
 
 
-def _driver_state(grid: Grid, resume: bool) -> dict[str, str]:
-    from semiseg import tracking
+DRIVER_IDS = ("experiment_id", "parent_run_id")
+"""What grid.json gives each trial (beside the snapshot that `--resume` compares)."""
+
+
+def _existing_state(grid: Grid, resume: bool, force: bool) -> dict[str, str] | None:
+    """The ids of the run `resume` continues, once its grid file is checked against the snapshot; None for
+    a new run (one ConfigError if the grid already ran)."""
+    from semiseg import grid_changes
 
     state = read_state(grid)
-    if resume:
-        if state is None or not grid.tune_dir.is_dir():
+    if not resume:
+        if state is not None:
             raise ConfigError(
-                f"{grid.path}: nothing to resume under {grid.storage} (run it without --resume)"
+                f"{grid.path}: this grid already ran in {grid.storage}; pass --resume to continue it, "
+                f"`semiseg table {grid.path}` to print its table, or remove the folder to start over"
             )
-        return state
-    if state is not None:
-        raise ConfigError(
-            f"{grid.path}: this grid already ran in {grid.storage}; pass --resume to continue it, "
-            f"`semiseg table {grid.path}` to print its table, or remove the folder to start over"
-        )
+        return None
+    if state is None or not grid.tune_dir.is_dir():
+        raise ConfigError(f"{grid.path}: nothing to resume under {grid.storage} (run it without --resume)")
+    state[grid_changes.SNAPSHOT] = grid_changes.check(grid, state, force)
+    storage.write_json(state_file(grid), state)
+    storage.warn_if_shared(grid.storage, grid.tune_dir)
+    return {k: state[k] for k in DRIVER_IDS}
+
+
+def _new_state(grid: Grid) -> dict[str, str]:
+    """Create the grid's MLflow parent run and grid.json (written atomically, with the snapshot)."""
+    from semiseg import grid_changes, redact, tracking
+
     mlflow = tracking.client(grid.tracking_uri)
     experiment = tracking.ensure_experiment(
         mlflow, grid.name, tracking.artifact_root(grid.tracking_uri, grid.storage)
@@ -398,25 +436,40 @@ def _driver_state(grid: Grid, resume: bool) -> dict[str, str]:
         "grid.workers": str(grid.workers),
         "grid.use_gpu": str(grid.use_gpu),
     } | {f"grid.axes.{a}": str(v) for a, v in grid.axes.items()}
-    parent = tracking.start_parent(mlflow, experiment, grid.name, params)
-    mlflow.log_artifact(parent, str(grid.path), "grid")
+    parent = tracking.start_parent(mlflow, experiment, grid.name, redact.data(params))
+    log_grid_file(mlflow, parent, grid.path)
     state = {"experiment_id": experiment, "parent_run_id": parent}
-    grid.storage.mkdir(parents=True, exist_ok=True)
-    state_file(grid).write_text(json.dumps(state, indent=2) + "\n")
+    storage.write_json(state_file(grid), state | {grid_changes.SNAPSHOT: grid_changes.snapshot(grid)})
     return state
 
 
-def run_trial(params: dict[str, Any], grid: Grid, experiment_id: str, parent_run_id: str) -> None:
+def log_grid_file(mlflow: Any, run_id: str, path: Path) -> None:
+    """Attach the grid file to the run as `grid/<name>`, its credentials redacted (comments are not kept)."""
+    import tempfile
+
+    import yaml
+
+    from semiseg import redact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_text(yaml.safe_dump(redact.data(load_yaml(path)), sort_keys=False))
+        mlflow.log_artifact(run_id, str(copy), "grid")
+
+
+def run_trial(
+    params: dict[str, Any], grid: Grid, experiment_id: str, parent_run_id: str, force: bool = False
+) -> None:
     """One Tune trial (driver side): open its MLflow child run, train through TorchTrainer, log artifacts
-    (the trial's run.log among them, failed or not)."""
+    (the trial's run.log among them, failed or not). `force`: its checkpoint may hold an older config."""
     from semiseg import launch
 
     trial = grid.trial(params)
     with launch.capture_logs(Path(trial.config.out_dir) / launch.RUN_LOG, "trial"):
-        _train_trial(grid, trial, experiment_id, parent_run_id)
+        _train_trial(grid, trial, experiment_id, parent_run_id, force)
 
 
-def _train_trial(grid: Grid, trial: Trial, experiment_id: str, parent_run_id: str) -> None:
+def _train_trial(grid: Grid, trial: Trial, experiment_id: str, parent_run_id: str, force: bool) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from semiseg import launch, tracking
@@ -440,6 +493,7 @@ def _train_trial(grid: Grid, trial: Trial, experiment_id: str, parent_run_id: st
             storage_path=str(grid.storage / "train"),
             name=trial.key,
             callbacks=[TuneReportCallback(), tracking.EpochLogger(grid.tracking_uri, run_id)],
+            force_resume=force,
         )
         # Epochs the store missed (unreachable, or the driver killed between checkpoint and log).
         tracking.backfill(mlflow, run_id, launch.read_reports(trial.config.out_dir))
