@@ -217,6 +217,18 @@ def test_secret_named_keys_are_masked_at_any_depth():
     }
 
 
+def test_an_unreachable_stores_warning_names_no_credential(caplog, monkeypatch):
+    """The epoch logger's warning names the store it cannot reach, with its password masked (port 9 on
+    loopback refuses at once; MLflow's own retries, minutes of backoff, are turned off)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    logger = tracking.EpochLogger("http://alice:s3cr3t@127.0.0.1:9/mlflow", "run")
+    with caplog.at_level(logging.WARNING, logger="semiseg.tracking"):
+        logger.after_report(None, [{"epoch": 0.0, "miou": 1.0}], None)
+    warned = [r.getMessage() for r in caplog.records if r.name == "semiseg.tracking"]
+    assert warned and "127.0.0.1:9" in warned[0]
+    assert not any("s3cr3t" in message for message in warned)
+
+
 def test_synth_does_not_write_into_a_folder_of_other_files(tmp_path, capsys):
     real = tmp_path / "VOC2012"
     (real / "JPEGImages").mkdir(parents=True)

@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
+from semiseg import redact
 from trainers.config import flatten as config_flatten
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,10 @@ class EpochLogger(UserCallback):
             log.warning(
                 "MLflow store %s cannot take epoch %d of run %s (%s); training goes on, %d epoch(s) buffered "
                 "(retried at the next report, and replayed from ray_reports.jsonl when the trial ends)",
-                self.uri,
+                redact.text(self.uri),
                 int(metrics[0]["epoch"]),
                 self.run_id,
-                _one_line(exc),
+                redact.text(_one_line(exc)),
                 len(self.pending),
             )
 
