@@ -1,4 +1,5 @@
-"""Self-describing checkpoints, written atomically, verified on load, resumed automatically."""
+"""Self-describing checkpoints, written atomically, verified on load, resumed automatically; and the one
+atomic text write the other state files (split lists, a grid's grid.json) use."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import logging
 import os
 import random
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -55,6 +58,22 @@ def _digest(path: Path) -> str:
 
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(path.suffix + ".sha256")
+
+
+def write_text_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
+    """Let `write` fill a temp file beside `path` (fsynced), then rename it over `path`: a reader sees the
+    old file or the new one, never a part; if `write` fails, the old file stays and no temp file is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _stage(state: dict[str, Any], path: Path) -> tuple[Path, Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import io as tvio
 
+from trainers.checkpoint import write_text_atomic
 from trainers.config import DECODERS, DataConfig
 from trainers.errors import DataError
 
@@ -158,21 +158,13 @@ def read_list(path: str | Path) -> list[Pair]:
 
 
 def write_list(path: str | Path, pairs: Sequence[Pair]) -> None:
-    """Write a split list atomically (temp file + rename), one `<image> <mask>` line per pair."""
+    """Write a split list atomically (temp file, fsync, rename), one `<image> <mask>` line per pair."""
     path = Path(path)
     spaced = next((f for p in pairs for f in (p.image, p.mask) if len(f.split()) != 1), None)
     if spaced is not None:
         raise DataError(f"{path}: cannot list {spaced!r}: {NO_SPACES}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(f"{p.image} {p.mask}\n" for p in pairs)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, lambda f: f.write(text))
 
 
 @dataclass

@@ -17,12 +17,12 @@ import os
 import socket
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from trainers.checkpoint import write_text_atomic
 from trainers.config import ConfigError
 
 LOCK_FILE = "grid.lock"
@@ -106,19 +106,8 @@ def _alive(pid: int) -> bool:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write `data` as JSON to `path` atomically (temp file in the same folder, fsync, rename): a reader
-    sees the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `data` as JSON to `path` atomically: a reader sees the old file or the new one, never a part."""
+    write_text_atomic(path, lambda f: (json.dump(data, f, indent=2), f.write("\n")))
 
 
 def warn_if_shared(*folders: Path) -> None:
