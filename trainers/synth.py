@@ -291,12 +291,16 @@ def _paint(image: np.ndarray, region: np.ndarray, grid: Grid, look: Look) -> Non
     image[region] = a + t[:, None] * (b - a)
 
 
+def _paint_layer(image: np.ndarray, layer: Layer) -> None:
+    grid = layer.pose.grid(image.shape[0])
+    _paint(image, _region(layer, grid), grid, layer.look)
+
+
 def paint(scene: Scene) -> np.ndarray:
     """The (H, W, 3) uint8 image of a scene."""
     image = scene.background.copy()
     for layer in scene.layers:
-        grid = layer.pose.grid(scene.size)
-        _paint(image, _region(layer, grid), grid, layer.look)
+        _paint_layer(image, layer)
     noise = np.random.default_rng(scene.noise_seed).normal(0, scene.noise_std, image.shape)
     return (image + noise).clip(0, 255).astype(np.uint8)
 
@@ -340,16 +344,23 @@ def scene(size: int, num_classes: int, rng: np.random.Generator) -> Scene:
     """Draw a scene: clutter, then OBJECTS objects (each possibly occluded by a background blob)."""
     background = _background(size, rng)
     layers = [_clutter(size, rng) for _ in range(rng.integers(*CLUTTER))]
+    # What is painted so far, kept up to date layer by layer: the objects' contrast is measured on it.
+    canvas = background.copy()
+    for layer in layers:
+        _paint_layer(canvas, layer)
     for _ in range(rng.integers(*OBJECTS)):
         shape = int(rng.integers(num_classes - 1))
         pose = _pose(size, rng, margin=0.12)
-        # The mean luminance below the object is what its silhouette must stand out from.
-        below = paint(Scene(size, background, tuple(layers), 0.0, 0))
-        inside = below[SHAPES[shape][1](*pose.grid(size), pose.radius)]
+        # The mean luminance below the object (as the image will show it) is what its silhouette must
+        # stand out from.
+        inside = canvas.clip(0, 255).astype(np.uint8)[SHAPES[shape][1](*pose.grid(size), pose.radius)]
         under = float(LUMA @ inside.mean(0)) if len(inside) else None
-        layers.append(Layer(shape + 1, shape, pose, _look(size, rng, under)))
+        added = [Layer(shape + 1, shape, pose, _look(size, rng, under))]
         if rng.random() < OCCLUDED:
-            layers.append(_clutter(size, rng, pose))
+            added.append(_clutter(size, rng, pose))
+        for layer in added:
+            _paint_layer(canvas, layer)
+        layers += added
     return Scene(size, background, tuple(layers), float(rng.uniform(2, 9)), int(rng.integers(2**31)))
 
 
