@@ -44,8 +44,9 @@ def split_at_fault(reports: list[dict], pid: int) -> tuple[list[int], list[int]]
 
 
 def assert_resumed(before: list[int], after: list[int], epochs: int) -> None:
-    """The rerun starts right after the last reported epoch (or redoes it, if the kill beat Ray's
-    registration of that report by a poll), never earlier, and runs to the end without gaps."""
+    """The rerun starts right after the last logged epoch (or redoes it: rank 0 logs an epoch before Ray
+    registers its checkpoint, and the stop may fall between), never earlier, and runs to the end without
+    gaps."""
     assert before == list(range(len(before))) and before
     assert after[0] in (before[-1], before[-1] + 1)
     assert after == list(range(after[0], epochs))

@@ -239,13 +239,15 @@ def ray_reporter(out_dir: Path) -> Reporter:
         if checkpoint_file is None:
             ray.train.report(metrics)
             return
+        # Logged before the report, not after: a stop between Ray registering the checkpoint and the log
+        # line would leave a resumable epoch that no log shows. Logged but not registered, it is redone.
+        _log_report(out_dir, metrics)
         # A folder next to latest.pth, so the files are hard-linked rather than copied before upload.
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ray-report-") as folder:
             for source in (checkpoint_file, checkpoint_file.with_suffix(".pth.sha256")):
                 if source.exists():
                     _link_or_copy(source, Path(folder) / source.name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        _log_report(out_dir, metrics)
 
     return report
 
