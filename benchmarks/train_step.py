@@ -117,7 +117,7 @@ class Trainer:
         self.net = fast.prepare_network(net, variant.switches)
         self.model = Forwarder(self.net).train()
         self.optimizer = build_optimizer(self.net, OptimConfig(), 0.001, foreach=variant.switches.foreach)
-        self.method = build_method(MethodConfig(name="mspl", conf_thresh=0.95), CLASSES, 255)
+        self.method = build_method(MethodConfig(name="mspl", conf_thresh=0.95), 255)
 
     def step(self) -> None:
         host = self.batches[self.count % len(self.batches)]

@@ -42,7 +42,7 @@ def train(rank: int, world: int) -> dict[str, torch.Tensor]:
     model = dist.wrap(Forwarder(net), dist.context(use_gpu=False))
     optim_cfg = OptimConfig(batch_size=GLOBAL_BATCH // world, lr=0.01, reference_global_batch=GLOBAL_BATCH)
     optimizer = build_optimizer(net, optim_cfg, scale(optim_cfg, world).lr)
-    method = build_method(MethodConfig(name="supervised"), CLASSES, 255)
+    method = build_method(MethodConfig(name="supervised"), 255)
     full, per = batch(), GLOBAL_BATCH // world
     shard = LabeledBatch(full.image[rank * per : (rank + 1) * per], full.mask[rank * per : (rank + 1) * per])
     for _ in range(STEPS):

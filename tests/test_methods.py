@@ -81,7 +81,7 @@ def batches(seed: int = 1, labeled_size: int = B):
 
 
 def run(name: str, model: Forwarder | None = None, seed: int = 0, **cfg):
-    method = build_method(MethodConfig(name=name, **cfg), CLASSES, IGNORE)
+    method = build_method(MethodConfig(name=name, **cfg), IGNORE)
     model = model or make_model()
     labeled, unlabeled, mix = batches()
     torch.manual_seed(seed)
@@ -140,7 +140,7 @@ EXPECTED_WEIGHTS = {
 
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_default_loss_weights_are_the_published_ones(name):
-    method = build_method(MethodConfig(name=name), CLASSES, IGNORE)
+    method = build_method(MethodConfig(name=name), IGNORE)
     assert {k: getattr(method, k) for k in EXPECTED_WEIGHTS[name]} == EXPECTED_WEIGHTS[name]
 
 
@@ -195,7 +195,7 @@ def test_eval_predict_leaves_batchnorm_stats_alone_and_tracks_no_gradient():
 def test_step_does_not_modify_its_batches(name):
     labeled, unlabeled, mix = batches()
     before = copy.deepcopy((labeled, unlabeled, mix))
-    build_method(MethodConfig(name=name), CLASSES, IGNORE).step(make_model(), labeled, unlabeled, mix)
+    build_method(MethodConfig(name=name), IGNORE).step(make_model(), labeled, unlabeled, mix)
     for new, old in zip((unlabeled, mix), before[1:], strict=True):
         assert all(torch.equal(a, b) for a, b in zip(new.strong, old.strong, strict=True))
         assert torch.equal(new.ignore, old.ignore)
@@ -212,16 +212,16 @@ def test_xfp_same_image_changes_only_loss_xfp_and_what_depends_on_it():
 
 
 def test_published_xfp_needs_equal_labeled_and_unlabeled_shapes():
-    method = build_method(MethodConfig(name="mspl"), CLASSES, IGNORE)
+    method = build_method(MethodConfig(name="mspl"), IGNORE)
     with pytest.raises(ValueError, match="xfp_same_image"):
         method.step(make_model(), *batches(labeled_size=1))
-    fixed = build_method(MethodConfig(name="mspl", xfp_same_image=True), CLASSES, IGNORE)
+    fixed = build_method(MethodConfig(name="mspl", xfp_same_image=True), IGNORE)
     assert torch.isfinite(fixed.step(make_model(), *batches(labeled_size=1)).loss)
 
 
 @pytest.mark.parametrize("normalized", [False, True])
 def test_mspl_views_carry_the_cutout_view_normalization_switch(normalized):
-    method = build_method(MethodConfig(name="mspl", cutout_view_normalized=normalized), CLASSES, IGNORE)
+    method = build_method(MethodConfig(name="mspl", cutout_view_normalized=normalized), IGNORE)
     assert method.views == ViewSpec(
         strong_views=2, cutout=True, cutout_view=True, cutout_view_normalized=normalized, mix_batch=True
     )
@@ -229,7 +229,7 @@ def test_mspl_views_carry_the_cutout_view_normalization_switch(normalized):
 
 def test_views_of_the_other_methods():
     views = {
-        n: build_method(MethodConfig(name=n), CLASSES, IGNORE).views
+        n: build_method(MethodConfig(name=n), IGNORE).views
         for n in ("supervised", "fixmatch", "unimatch")
     }
     assert views == {
@@ -241,7 +241,7 @@ def test_views_of_the_other_methods():
 
 def test_mspl_without_cutout_view_or_mix_batch_fails_clearly():
     labeled, unlabeled, mix = batches()
-    method = build_method(MethodConfig(name="mspl"), CLASSES, IGNORE)
+    method = build_method(MethodConfig(name="mspl"), IGNORE)
     with pytest.raises(ValueError, match="mix batch"):
         method.step(make_model(), labeled, unlabeled, None)
     unlabeled.cutout_view = None
@@ -265,4 +265,4 @@ def test_criterion_follows_the_config():
 
 def test_unknown_method_name_is_rejected():
     with pytest.raises(ValueError, match="method.name"):
-        build_method(MethodConfig(name="meanteacher"), CLASSES, IGNORE)
+        build_method(MethodConfig(name="meanteacher"), IGNORE)

@@ -1,10 +1,10 @@
 import functools
 import math
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainers.backbones import BACKBONES
 from trainers.forward import feature_perturbed
@@ -165,21 +165,15 @@ def test_backbone_and_head_parameters_partition_the_model():
     assert any(p is net.reduce[0].weight for p in head)
 
 
-def test_tiny_model_is_small_and_fast_on_one_core():
+def test_tiny_model_is_small_and_cheap():
+    # Work counted, not timed: a step on a 4 x 65 px batch is a quarter GFLOP (the small backbone's is
+    # ten times that), so the CPU tests stay seconds long. Measured speed is benchmarks/train_step.py's.
     net = tiny_model(num_classes=21).train()
     assert count(net) < 0.5e6
     x, y = torch.randn(4, 3, 65, 65), torch.randint(0, 21, (4, 65, 65))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with FlopCounterMode(display=False) as flops:
         F.cross_entropy(net(x), y).backward()
-        # CPU time of this process: other jobs sharing the machine do not count against the model.
-        start = time.process_time()
-        F.cross_entropy(net(x), y).backward()
-        elapsed = time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
-    assert elapsed < 0.5
+    assert 0 < flops.get_total_flops() < 0.3e9
 
 
 def test_unknown_backbone_names_the_choices():

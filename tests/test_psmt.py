@@ -169,7 +169,7 @@ def test_one_real_step_in_warmup_and_semi_phases():
 
 def test_pascal_config_has_the_published_settings():
     cfg = load_config(REPO / "configs" / "pascal_psmt.yaml")
-    method = build_method(cfg.method, 21, IGNORE)
+    method = build_method(cfg.method, IGNORE)
     assert (cfg.data.crop_size, cfg.optim.epochs, cfg.optim.lr, cfg.optim.lr_multi) == (512, 85, 0.0025, 1.0)
     assert (method.conf_thresh, method.weight_u, method.warmup_epochs, method.rampup_epochs) == (
         0.6,

@@ -9,6 +9,7 @@ from trainers import checkpoint as ckpt
 from trainers.batch import LabeledBatch, UnlabeledBatch
 from trainers.config import MethodConfig, load_config
 from trainers.datasets import Pair, read_list, resolve_split
+from trainers.entry import train
 from trainers.forward import Forwarder
 from trainers.methods import build_method
 from trainers.methods.common import build_criterion
@@ -18,7 +19,6 @@ from trainers.methods.stpp import (
     split_reliable,
     stability_score,
     supervised_epochs,
-    train_stages,
 )
 from trainers.model import DeepLabV3Plus
 
@@ -54,11 +54,11 @@ def test_snapshot_epochs_are_a_third_and_two_thirds():
 
 
 def test_without_a_teacher_the_stage_is_supervised():
-    method = build_method(MethodConfig(name="stpp"), 3, IGNORE)
+    method = build_method(MethodConfig(name="stpp"), IGNORE)
     assert method.views.strong_views == 0
     torch.manual_seed(0)
     net = DeepLabV3Plus("tiny", 3)
-    with pytest.raises(ValueError, match="train_stages"):
+    with pytest.raises(ValueError, match="STPP.stages"):
         method.setup(net)  # a plain fit of stpp without a teacher would be a silent supervised run
     image, mask = torch.randn(2, 3, SIZE, SIZE), torch.randint(0, 3, (2, SIZE, SIZE))
     out = method.step(Forwarder(net).train(), LabeledBatch(image, mask), None, None)
@@ -102,7 +102,7 @@ def test_three_stages_run_select_and_resume(tiny_config):
     # 4 labeled images: the supervised stage runs 2 x 2 epochs and keeps snapshots after epochs 1 and 2.
     cfg = tiny_config(method={"name": "stpp"}, optim={"epochs": 2, "batch_size": 2, "max_iters_per_epoch": 1})
     reports = []
-    result = train_stages(cfg, report=lambda metrics, path: reports.append(metrics), progress=False)
+    result = train(cfg, report=lambda metrics, path: reports.append(metrics), progress=False)
     root = result.out_dir.parent
     assert result.out_dir == root / "stage3" and result.epochs_run == [0, 1]
     stages = [(1, e) for e in range(4)] + [(2, 4), (2, 5), (3, 6), (3, 7)]
@@ -120,12 +120,14 @@ def test_three_stages_run_select_and_resume(tiny_config):
     assert stage2["method"]["teacher"] == str(root / "stage1" / ckpt.BEST)
     assert stage2["data"]["split_dir"] == str(root / "splits" / "reliable")
 
-    again = train_stages(cfg, progress=False)
+    selected = (root / "splits" / "reliable" / "unlabeled.txt").stat().st_mtime_ns
+    again = train(cfg, progress=False)
     assert again.epochs_run == []  # every stage finished: nothing re-runs
+    assert (root / "splits" / "reliable" / "unlabeled.txt").stat().st_mtime_ns == selected  # nor selection
 
 
 def test_pascal_config_has_the_published_settings():
     cfg = load_config(REPO / "configs" / "pascal_stpp.yaml")
-    method = build_method(cfg.method, 21, IGNORE)
+    method = build_method(cfg.method, IGNORE)
     assert (cfg.data.crop_size, cfg.optim.epochs, cfg.optim.lr, cfg.optim.batch_size) == (321, 80, 0.001, 8)
     assert method.teacher_path is None and method.views.strong_views == 0

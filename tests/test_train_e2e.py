@@ -10,15 +10,15 @@ from trainers.datasets import DataError, resolve_split
 from trainers.dist import context
 from trainers.entry import evaluate_checkpoint, train_local
 from trainers.forward import Forwarder
-from trainers.loop import build_network
 from trainers.methods import METHODS, build_method
+from trainers.network import build_network
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_one_real_iteration_of_each_method(name, tiny_config):
     torch.manual_seed(0)
     cfg = tiny_config(method={"name": name, "conf_thresh": 0.0})
-    method = build_method(cfg.method, 3, 255)
+    method = build_method(cfg.method, 255)
     net = build_network(cfg)
     loaders = build_loaders(cfg, resolve_split(cfg.data), method.views, context(False), batch_size=2)
     labeled, unlabeled, mix = next(loaders.epoch())
@@ -38,7 +38,7 @@ def test_one_batch_is_memorised_by_the_real_step(tiny_config):
     bring its loss below a fifth of the first. Learning across seeds and data is the benchmarks' job."""
     torch.manual_seed(0)
     cfg = tiny_config(method={"name": "supervised"})
-    method = build_method(cfg.method, 3, 255)
+    method = build_method(cfg.method, 255)
     net = build_network(cfg)
     loaders = build_loaders(cfg, resolve_split(cfg.data), method.views, context(False), batch_size=4)
     labeled, unlabeled, mix = next(loaders.epoch())

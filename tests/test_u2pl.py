@@ -224,7 +224,7 @@ def test_trains_and_resumes_in_the_loop(tiny_config):
 
 def test_pascal_config_has_the_published_settings():
     cfg = load_config(REPO / "configs" / "pascal_u2pl.yaml")
-    method = build_method(cfg.method, 21, IGNORE)
+    method = build_method(cfg.method, IGNORE)
     assert (cfg.data.crop_size, cfg.optim.epochs, cfg.optim.lr, cfg.optim.reference_global_batch) == (
         513,
         80,

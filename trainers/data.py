@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -46,26 +47,42 @@ def _nones() -> Iterator[None]:
         yield None
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """Transforms and collates of the training loaders: the per-sample reference path, or raw samples
+    (uint8 crops and drawn parameters) that `trainers.fast.to_device` finishes on the device."""
+
+    labeled_transform: Callable[..., Any]
+    unlabeled_transform: Callable[..., Any]
+    collate_labeled: Callable[..., Any]
+    collate_unlabeled: Callable[..., Any]
+
+
+def pipeline(device_augment: bool) -> Pipeline:
+    """The training loaders' transforms and collates for `fast.device_augment`."""
+    if device_augment:
+        return Pipeline(
+            fast.raw_labeled_transform,
+            fast.raw_unlabeled_transform,
+            fast.collate_raw_labeled,
+            fast.collate_raw_unlabeled,
+        )
+    return Pipeline(
+        augment.labeled_transform,
+        augment.unlabeled_transform,
+        augment.collate_labeled,
+        augment.collate_unlabeled,
+    )
+
+
 def build_loaders(
     cfg: TrainConfig, split: SplitFiles, views: ViewSpec, ctx: DistContext, batch_size: int
 ) -> Loaders:
-    """Build the loaders of one process; samplers shard by rank and reshuffle per epoch.
-
-    With `fast.device_augment` the training loaders yield raw batches (uint8 crops and drawn parameters)
-    that `trainers.fast.to_device` finishes on the device.
-    """
+    """Build the loaders of one process; samplers shard by rank and reshuffle per epoch."""
     check_epoch(split, views, cfg.method.name, ctx.world_size, batch_size)
     root, crop = cfg.data.root, cfg.data.crop_size
     switches = fast.settings(cfg.fast, ctx.device)
-    decode = switches.decode
-    if switches.device_augment:
-        labeled_transform, unlabeled_transform = fast.raw_labeled_transform, fast.raw_unlabeled_transform
-        collate_labeled, collate_unlabeled = fast.collate_raw_labeled, fast.collate_raw_unlabeled
-    else:
-        labeled_transform, unlabeled_transform = augment.labeled_transform, augment.unlabeled_transform
-        collate_labeled, collate_unlabeled = augment.collate_labeled, augment.collate_unlabeled
-    n = len(split.unlabeled) if split.unlabeled else len(split.labeled)
-    labeled = PairDataset(root, repeat_to(split.labeled, n), labeled_transform(crop), decode=decode)
+    parts = pipeline(switches.device_augment)
     common = dict(
         batch_size=batch_size,
         num_workers=cfg.data.num_workers,
@@ -75,43 +92,43 @@ def build_loaders(
         timeout=loader_timeout(cfg),
     )
 
-    def sampler(dataset, seed):
-        return DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True)
+    def loader(dataset: PairDataset, seed: int, collate: Callable[..., Any]) -> DataLoader:
+        sampler = DistributedSampler(
+            dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        return DataLoader(dataset, sampler=sampler, collate_fn=collate, **common)
 
-    labeled_loader = DataLoader(
-        labeled, sampler=sampler(labeled, cfg.seed), collate_fn=collate_labeled, **common
+    n = len(split.unlabeled) if split.unlabeled else len(split.labeled)
+    labeled = PairDataset(
+        root, repeat_to(split.labeled, n), parts.labeled_transform(crop), decode=switches.decode
     )
     unlabeled_loader = mix_loader = None
     if views.strong_views:
         # Unlabeled masks are never read (UniMatch does the same): only the padding matters.
-        unlabeled = PairDataset(
-            root, split.unlabeled, unlabeled_transform(crop, views), with_masks=False, decode=decode
-        )
-        unlabeled_loader = DataLoader(
-            unlabeled, sampler=sampler(unlabeled, cfg.seed), collate_fn=collate_unlabeled, **common
-        )
+        transform = parts.unlabeled_transform(crop, views)
+        unlabeled = PairDataset(root, split.unlabeled, transform, with_masks=False, decode=switches.decode)
+        unlabeled_loader = loader(unlabeled, cfg.seed, parts.collate_unlabeled)
         if views.mix_batch:
             # The published loop zips the same loader twice: same sampler seed, so u' holds the
             # same images as u in the same order (only augmented anew). The switch draws u'
             # from an independent permutation instead.
             mix_seed = cfg.seed + 1 if cfg.method.independent_mix_batch else cfg.seed
-            mix_loader = DataLoader(
-                unlabeled,
-                sampler=sampler(unlabeled, mix_seed),
-                collate_fn=collate_unlabeled,
-                **common,
-            )
-    # Val is sharded without padding so no image is counted twice in the summed IoU.
-    val = PairDataset(root, split.val, augment.eval_transform(), decode=decode)
-    val_shard = Subset(val, list(range(ctx.rank, len(val), ctx.world_size)))
-    val_loader = DataLoader(
-        val_shard,
+            mix_loader = loader(unlabeled, mix_seed, parts.collate_unlabeled)
+    labeled_loader = loader(labeled, cfg.seed, parts.collate_labeled)
+    return Loaders(labeled_loader, unlabeled_loader, mix_loader, val_loader(cfg, split, ctx, switches.decode))
+
+
+def val_loader(cfg: TrainConfig, split: SplitFiles, ctx: DistContext, decode: str) -> DataLoader:
+    """This rank's share of val, whole images one at a time. Sharded without padding, so no image is
+    counted twice in the summed IoU."""
+    val = PairDataset(cfg.data.root, split.val, augment.eval_transform(), decode=decode)
+    return DataLoader(
+        Subset(val, list(range(ctx.rank, len(val), ctx.world_size))),
         batch_size=1,
         num_workers=min(cfg.data.num_workers, 1),
         collate_fn=augment.collate_labeled,
         timeout=loader_timeout(cfg),
     )
-    return Loaders(labeled_loader, unlabeled_loader, mix_loader, val_loader)
 
 
 def loader_timeout(cfg: TrainConfig) -> float:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from trainers import augment, checkpoint, resume
-from trainers.config import TrainConfig, from_dict
+from trainers import augment, resume
+from trainers.config import TrainConfig
 from trainers.datasets import PairDataset, check_split_for_training, dataset_spec, resolve_split, voc_palette
 from trainers.evaluate import EvalResult, evaluate, save_prediction
-from trainers.loop import FitResult, Reporter, build_network, fit
-from trainers.methods.stpp import train_stages
+from trainers.loop import FitResult, Reporter, fit
+from trainers.methods import method_class
+from trainers.network import load_network
+from trainers.stages import run_stages
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +29,12 @@ def train(
     progress: bool = True,
     force_resume: bool = False,
 ) -> FitResult:
-    """Run the configured method: one `fit`, or ST++'s stages (each resuming from its own folder, checked
-    like `resume.resumable`; `force_resume` accepts a changed config there)."""
-    if cfg.method.name == "stpp":
-        return train_stages(cfg, report=report, progress=progress, force_resume=force_resume)
+    """Run the configured method: one `fit` from `resume_state`, or the method's stages. Each stage resumes
+    from its own folder, checked like `resume.resumable` (`force_resume` accepts a changed config there):
+    `resume_state` is then a copy of the running stage's latest.pth, and is not needed."""
+    stages = method_class(cfg.method).stages(cfg)
+    if stages is not None:
+        return run_stages(stages, report=report, progress=progress, force_resume=force_resume)
     return fit(cfg, report=report, resume_state=resume_state, progress=progress)
 
 
@@ -56,14 +60,10 @@ def evaluate_checkpoint(
     path: Path, cfg: TrainConfig | None = None, out_dir: Path | None = None, mode: str | None = None
 ) -> CheckpointEval:
     """mIoU of a checkpoint on its val list; optionally writes palette prediction PNGs."""
-    state = checkpoint.load(path)
-    cfg = cfg or from_dict(TrainConfig, state["config"])
+    net, cfg = load_network(path, cfg)
     spec = dataset_spec(cfg.data)
     split = resolve_split(cfg.data)
     check_split_for_training(cfg.data.root, split, spec.num_classes, spec.ignore_index, val_only=True)
-    # The checkpoint holds the whole network: no backbone weights file is needed here.
-    net = build_network(replace(cfg, model=replace(cfg.model, pretrained=None)))
-    net.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(
         PairDataset(cfg.data.root, split.val, augment.eval_transform()),

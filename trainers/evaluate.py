@@ -118,8 +118,18 @@ def predict(
     sliding_window: crop_size windows at stride int(2/3 crop_size), the last aligned to the border,
     up to `window_batch` windows per forward; sides shorter than the crop make one window.
     """
+    _check_mode(mode)
+    return _predict(net, image, mode, crop_size, num_classes, window_batch)
+
+
+def _check_mode(mode: str) -> None:
     if mode not in EVAL_MODES:
         raise ValueError(f"evaluate mode: expected one of {EVAL_MODES}, got {mode!r}")
+
+
+def _predict(
+    net: nn.Module, image: torch.Tensor, mode: str, crop_size: int, num_classes: int, window_batch: int
+) -> torch.Tensor:
     if mode == "sliding_window":
         return _sliding_window(net, image, crop_size, num_classes, window_batch)
     if mode == "center_crop":
@@ -147,8 +157,7 @@ def evaluate(
     returns its sum over all processes (identity in one process). The train/eval mode is restored.
     `on_prediction(i, pred)` receives each batch's (B, H, W) class map (e.g. to save PNGs).
     """
-    if mode not in EVAL_MODES:
-        raise ValueError(f"evaluate mode: expected one of {EVAL_MODES}, got {mode!r}")
+    _check_mode(mode)
     was_training = net.training
     net.eval()
     counts = torch.zeros(2, num_classes, dtype=torch.int64, device=device)
@@ -156,10 +165,10 @@ def evaluate(
         with torch.no_grad():
             for i, batch in enumerate(tqdm(loader, desc="eval", disable=not progress)):
                 batch = batch.to(device, non_blocking=True)
-                image, mask = batch.image, batch.mask
-                if mode == "center_crop":
-                    image, mask = center_crop(image, mask, crop_size)
-                pred = predict(net, image, mode, crop_size, num_classes, window_batch).argmax(dim=1)
+                pred = _predict(net, batch.image, mode, crop_size, num_classes, window_batch).argmax(dim=1)
+                mask = batch.mask
+                if mode == "center_crop":  # the prediction covers the central square: score it there
+                    _, mask = center_crop(batch.image, mask, crop_size)
                 inter, union = intersection_union(pred, mask, num_classes, ignore_index)
                 counts[0] += inter
                 counts[1] += union

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.backbones import BACKBONES
+from trainers.config import choice
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -70,9 +71,7 @@ class DeepLabV3Plus(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int, dilations: Sequence[int] = (6, 12, 18)) -> None:
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone {backbone!r}: expected one of {sorted(BACKBONES)}")
-        self.backbone = BACKBONES[backbone]()
+        self.backbone = choice("model.backbone", backbone, BACKBONES)()
         low, high = self.backbone.low_channels, self.backbone.high_channels
         reduce, fuse = self.backbone.reduce_channels, self.backbone.fuse_channels
         self.head = ASPP(high, high // 8, dilations)

@@ -38,11 +38,13 @@ def scale(cfg: OptimConfig, world_size: int) -> Scaling:
 
 
 def build_optimizer(
-    net: nn.Module, cfg: OptimConfig, lr: float, foreach: bool | None = None
+    net: nn.Module, cfg: OptimConfig, lr: float, foreach: bool | None = None, extra: nn.Module | None = None
 ) -> torch.optim.SGD:
-    """SGD: backbone parameters at `lr`, everything else at `lr * lr_multi` (group 1)."""
+    """SGD: backbone parameters at `lr`; everything else, and a method's `extra` modules (a projection
+    head), at `lr * lr_multi` (group 1)."""
     backbone = [p for n, p in net.named_parameters() if n.startswith("backbone.")]
     head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
+    head += [] if extra is None else list(extra.parameters())
     groups = [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * cfg.lr_multi}]
     return torch.optim.SGD(
         groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=foreach

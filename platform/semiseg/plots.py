@@ -99,19 +99,14 @@ def _blend(image: np.ndarray, mask: np.ndarray, colours: np.ndarray) -> np.ndarr
 
 def predict_samples(cfg: TrainConfig, checkpoint_file: Path, count: int) -> list[tuple[np.ndarray, ...]]:
     """(image, mask, prediction) of the first `count` val images under a checkpoint's model, on the CPU."""
-    from dataclasses import replace
-
     import torch
 
     from trainers import augment
-    from trainers import checkpoint as ckpt
     from trainers.datasets import DATASETS, PairDataset, resolve_split
     from trainers.evaluate import predict
-    from trainers.loop import build_network, num_classes
+    from trainers.network import load_network, num_classes
 
-    net = build_network(replace(cfg, model=replace(cfg.model, pretrained=None)))
-    net.load_state_dict(ckpt.load(checkpoint_file)["model"])
-    net.eval()
+    net, _ = load_network(checkpoint_file, cfg)
     split = resolve_split(cfg.data)
     plain = PairDataset(cfg.data.root, split.val[:count])
     normalized = PairDataset(cfg.data.root, split.val[:count], augment.eval_transform())

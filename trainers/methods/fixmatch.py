@@ -11,12 +11,12 @@ from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 from trainers.config import MethodConfig
 from trainers.forward import plain
-from trainers.methods import StepOutput
+from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, Targets, build_criterion, detached, mix_targets, require
 
 
 @dataclass
-class FixMatch:
+class FixMatch(Method):
     criterion_l: Criterion
     conf_thresh: float
     ignore_index: int

@@ -10,13 +10,13 @@ from torch import nn
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 from trainers.config import MethodConfig
-from trainers.methods import StepOutput
+from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached, eval_predict, mix_targets, require
 from trainers.methods.unimatch import Predictions, predict, unimatch_terms
 
 
 @dataclass
-class MSPL:
+class MSPL(Method):
     criterion_l: Criterion
     conf_thresh: float
     ignore_index: int

@@ -21,7 +21,7 @@ from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 from trainers.config import MethodConfig
 from trainers.forward import plain
-from trainers.methods import StepOutput
+from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
 from trainers.methods.ema import Clock, EMATeacher, student_network
 from trainers.methods.projection import classify, fused
@@ -101,7 +101,7 @@ def psmt_box(height: int, width: int, lam: float) -> torch.Tensor:
 
 
 @dataclass
-class PSMT:
+class PSMT(Method):
     criterion_l: Criterion
     conf_thresh: float
     ignore_index: int

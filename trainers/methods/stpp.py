@@ -6,9 +6,9 @@ Stage 2 re-trains from scratch on labeled + reliable images pseudo-labeled by st
 stage 3 on labeled + all unlabeled images pseudo-labeled by stage 2's best model. Pseudo-labeled
 images are seen as a strong view (jitter, grayscale, blur, cutout).
 
-One trial runs the three stages (`train_stages`): each stage is a plain `fit` in its own folder
-(<out_dir>/stage1..3) that resumes on its own, so the trial as a whole resumes too. Stage 1 is the
-`supervised` method; stages 2 and 3 are `STPP` with `method.teacher` naming the frozen teacher.
+One trial runs the three stages (`STPP.stages`, run by trainers.stages): each stage is a plain `fit` in
+its own folder (<out_dir>/stage1..3) that resumes on its own, so the trial as a whole resumes too.
+Stage 1 is the `supervised` method; stages 2 and 3 are `STPP` with `method.teacher` naming the frozen teacher.
 Source read: LiheYoung/ST-PlusPlus, main.py and dataset/semi.py.
 """
 
@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,14 +28,13 @@ from trainers import augment, dist
 from trainers import checkpoint as ckpt
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 from trainers.config import MethodConfig, TrainConfig
-from trainers.datasets import Pair, PairDataset, resolve_split, write_list
+from trainers.datasets import Pair, PairDataset, resolve_split
 from trainers.evaluate import intersection_union, miou
 from trainers.forward import plain
-from trainers.methods import StepOutput
+from trainers.methods.base import Method, Stage, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
-
-if TYPE_CHECKING:
-    from trainers.loop import FitResult, Reporter
+from trainers.network import load_network, num_classes
+from trainers.splits import write_split
 
 SMALL_LABELED_SET = 200
 """ST++ doubles a labeled list shorter than this in the supervised stage (here: doubles its epochs)."""
@@ -70,12 +68,12 @@ def predict_classes(nets: Sequence[nn.Module], image: torch.Tensor) -> list[torc
 
 
 @dataclass
-class STPP:
+class STPP(Method):
     criterion_l: Criterion
     ignore_index: int
     teacher_path: str | None = None
     """Checkpoint whose model pseudo-labels the unlabeled views. None: `step` is supervised (stage 1,
-    which `train_stages` runs as the `supervised` method) and `setup` refuses to train."""
+    which `STPP.stages` runs as the `supervised` method) and `setup` refuses to train."""
     teacher: nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -91,8 +89,8 @@ class STPP:
         if self.teacher_path is None:
             # A plain `fit` of stpp without a teacher would silently be a supervised run.
             raise ValueError(
-                "stpp: method.teacher is null; run the three stages with "
-                "trainers.methods.stpp.train_stages, which sets each stage's teacher"
+                "stpp: method.teacher is null; run the three stages with trainers.entry.train "
+                "(STPP.stages sets each stage's teacher)"
             )
         state = ckpt.load(Path(self.teacher_path))
         self.teacher = copy.deepcopy(net).requires_grad_(False).eval()
@@ -127,6 +125,39 @@ class STPP:
         }
         return StepOutput(loss, detached(terms))
 
+    @classmethod
+    def stages(cls, cfg: TrainConfig) -> list[Stage]:
+        """Supervised stage 1 (snapshots at 1/3 and 2/3), then re-training on the reliable images
+        pseudo-labeled by stage 1's best model, then on all of them labeled by stage 2's best."""
+        root, split = Path(cfg.out_dir), resolve_split(cfg.data)
+        first_epochs = supervised_epochs(cfg.optim.epochs, len(split.labeled))
+        splits, stage1 = root / "splits", root / "stage1"
+        keep = snapshot_epochs(first_epochs)
+        supervised = stage_config(cfg, stage1, splits / "supervised", None, first_epochs)
+        supervised = dataclasses.replace(
+            supervised, method=dataclasses.replace(cfg.method, name="supervised")
+        )
+
+        def select_reliable() -> None:
+            paths = [stage1 / f"epoch{e}.pth" for e in keep] + [stage1 / ckpt.LATEST]
+            device = dist.context().device
+            nets = [load_network(path, cfg)[0].to(device) for path in paths]
+            scores = score_images(nets, cfg.data.root, split.unlabeled, num_classes(cfg))
+            reliable, unreliable = split_reliable(split.unlabeled, scores)
+            write_split(splits / "unreliable", split.labeled, unreliable)
+            write_split(splits / "reliable", split.labeled, reliable)
+
+        epochs = cfg.optim.epochs
+        return [
+            Stage(supervised, tuple(keep), partial(write_split, splits / "supervised", split.labeled, [])),
+            Stage(
+                stage_config(cfg, root / "stage2", splits / "reliable", stage1 / ckpt.BEST, epochs),
+                prepare=select_reliable,
+                prepared=splits / "reliable" / "unlabeled.txt",
+            ),
+            Stage(stage_config(cfg, root / "stage3", None, root / "stage2" / ckpt.BEST, epochs)),
+        ]
+
 
 def stage_config(
     cfg: TrainConfig, out_dir: Path, split_dir: Path | None, teacher: Path | None, epochs: int
@@ -146,69 +177,6 @@ def snapshot_epochs(epochs: int) -> list[int]:
 def supervised_epochs(epochs: int, num_labeled: int) -> int:
     """ST++ doubles a labeled list shorter than 200 images; twice the epochs give the same iterations."""
     return 2 * epochs if num_labeled < SMALL_LABELED_SET else epochs
-
-
-def train_stages(
-    cfg: TrainConfig, report: Reporter | None = None, progress: bool = True, force_resume: bool = False
-) -> FitResult:
-    """Run ST++'s three stages through `fit`, each resuming from its own folder; returns stage 3's result."""
-    from trainers import resume
-    from trainers.loop import build_network, fit, num_classes  # here: trainers.loop imports this module
-
-    root, split = Path(cfg.out_dir), resolve_split(cfg.data)
-    first_epochs = supervised_epochs(cfg.optim.epochs, len(split.labeled))
-    keep = snapshot_epochs(first_epochs)
-    splits = root / "splits"
-
-    def run(stage: int, split_dir: Path | None, teacher: Path | None, epochs: int, offset: int) -> FitResult:
-        stage_cfg = stage_config(cfg, root / f"stage{stage}", split_dir, teacher, epochs)
-        if teacher is None:
-            stage_cfg = dataclasses.replace(
-                stage_cfg, method=dataclasses.replace(cfg.method, name="supervised")
-            )
-        out = Path(stage_cfg.out_dir)
-
-        def stage_report(metrics: dict[str, float], path: Path | None) -> None:
-            done = int(metrics["epoch"]) + 1
-            if stage == 1 and path is not None and done in keep:
-                shutil.copyfile(path, out / f"epoch{done}.pth")
-            if report is not None:
-                report({**metrics, "stage": float(stage), "epoch": metrics["epoch"] + offset}, path)
-
-        return fit(stage_cfg, stage_report, resume.resumable(stage_cfg, force_resume), progress=progress)
-
-    if dist.context().is_main:
-        write_split(splits / "supervised", split.labeled, [])
-    dist.barrier()
-    run(1, splits / "supervised", None, first_epochs, 0)
-    stage1 = root / "stage1"
-    if dist.context().is_main and not (splits / "reliable" / "unlabeled.txt").is_file():
-        # The checkpoints hold whole networks: no backbone weights file is needed.
-        bare = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
-        template = build_network(bare)
-        paths = [stage1 / f"epoch{e}.pth" for e in keep] + [stage1 / ckpt.LATEST]
-        nets = [load_weights(template, p).to(dist.context().device) for p in paths]
-        scores = score_images(nets, cfg.data.root, split.unlabeled, num_classes(cfg))
-        reliable, unreliable = split_reliable(split.unlabeled, scores)
-        write_split(splits / "unreliable", split.labeled, unreliable)
-        write_split(splits / "reliable", split.labeled, reliable)
-    dist.barrier()
-    epochs = cfg.optim.epochs
-    run(2, splits / "reliable", stage1 / ckpt.BEST, epochs, first_epochs)
-    return run(3, None, root / "stage2" / ckpt.BEST, epochs, first_epochs + epochs)
-
-
-def write_split(folder: Path, labeled: Sequence[Pair], unlabeled: Sequence[Pair]) -> None:
-    """A split folder (labeled.txt, unlabeled.txt) that `data.split_dir` can name."""
-    write_list(folder / "labeled.txt", labeled)
-    write_list(folder / "unlabeled.txt", unlabeled)
-
-
-def load_weights(template: nn.Module, path: Path) -> nn.Module:
-    """A copy of `template` holding the model weights of checkpoint `path`."""
-    net = copy.deepcopy(template)
-    net.load_state_dict(ckpt.load(path)["model"])
-    return net
 
 
 def score_images(

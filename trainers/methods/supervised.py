@@ -9,12 +9,12 @@ from torch import nn
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 from trainers.config import MethodConfig
 from trainers.forward import plain
-from trainers.methods import StepOutput
+from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
 
 
 @dataclass
-class Supervised:
+class Supervised(Method):
     criterion_l: Criterion
     views: ViewSpec = field(default_factory=ViewSpec)
 

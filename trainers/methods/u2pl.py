@@ -19,7 +19,7 @@ from torch import nn
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 from trainers.config import MethodConfig
-from trainers.methods import StepOutput
+from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
 from trainers.methods.ema import Clock, EMATeacher, ema_update, student_network, warmup_decay
 from trainers.methods.projection import RepresentationHead, classify, fused, fused_channels
@@ -190,7 +190,7 @@ def downsample(mask: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 
 @dataclass
-class U2PL:
+class U2PL(Method):
     criterion_l: Criterion
     ignore_index: int
     sup_only_epochs: int = 1

@@ -11,7 +11,7 @@ from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 from trainers.config import MethodConfig
 from trainers.forward import feature_perturbed, plain
-from trainers.methods import StepOutput
+from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, Targets, build_criterion, detached, mix_targets, require
 
 
@@ -74,7 +74,7 @@ def unimatch_terms(
 
 
 @dataclass
-class UniMatch:
+class UniMatch(Method):
     criterion_l: Criterion
     conf_thresh: float
     ignore_index: int
