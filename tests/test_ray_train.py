@@ -4,18 +4,20 @@ resumed by re-running the same command, and the errors raised before any worker 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from ray.train import Result
 from semiseg import cli
-from semiseg.launch import LaunchError, read_reports, train_distributed
+from semiseg.launch import RUN_LOG, LaunchError, read_reports, train_distributed
 
 from trainers import checkpoint as ckpt
 from trainers.config import TrainConfig
@@ -43,13 +45,23 @@ def split_at_fault(reports: list[dict], pid: int) -> tuple[list[int], list[int]]
     return before, after
 
 
-def assert_resumed(before: list[int], after: list[int], epochs: int) -> None:
-    """The rerun starts right after the last logged epoch (or redoes it: rank 0 logs an epoch before Ray
-    registers its checkpoint, and the stop may fall between), never earlier, and runs to the end without
-    gaps."""
+def resumed_at(cfg: TrainConfig) -> int:
+    """The epoch that the first resumed rank-0 process of the run started from, as its log line says."""
+    for line in (Path(cfg.out_dir) / RUN_LOG).read_text().splitlines():
+        found = re.search(r" rank 0 INFO trainers\.loop: resumed at epoch (\d+) ", line)
+        if found:
+            return int(found.group(1))
+    raise AssertionError(f"no rank-0 'resumed at epoch' line in {RUN_LOG}")
+
+
+def assert_resumed(before: list[int], after: list[int], epochs: int, start: int) -> None:
+    """The rerun resumed from a checkpoint (not from scratch) no later than right after the last epoch rank
+    0 logged, and trained every epoch from there to the end. It may redo logged epochs: rank 0 logs an
+    epoch before reporting its checkpoint, and the stop can come before Ray's controller has registered
+    the last reports (it polls the workers)."""
     assert before == list(range(len(before))) and before
-    assert after[0] in (before[-1], before[-1] + 1)
-    assert after == list(range(after[0], epochs))
+    assert 1 <= start <= before[-1] + 1
+    assert after == list(range(start, epochs))
 
 
 def latest_ray_checkpoint(path: str) -> dict:
@@ -95,23 +107,25 @@ def test_reported_miou_is_the_checkpoints_miou(two_worker_run):
 
 
 def test_killed_worker_restarts_from_latest_checkpoint(ray_cluster, tiny_config):
-    cfg = tiny_config(optim={"epochs": 4, "max_iters_per_epoch": 3})
+    cfg = tiny_config(optim={"epochs": 6, "max_iters_per_epoch": 3})
     run = {}
 
-    def kill_after_epoch_1() -> None:
-        reports = wait_for_report(cfg, epoch=1)
+    def kill_after_epoch_2() -> None:
+        # Epoch 2 logged: the checkpoints of epochs 0 and 1 were reported an epoch or more ago, time
+        # for Ray's controller (polling every 0.25 s) to register at least one of them.
+        reports = wait_for_report(cfg, epoch=2)
         run["pid"] = reports[-1]["pid"]
         os.kill(run["pid"], signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_after_epoch_1)
+    killer = threading.Thread(target=kill_after_epoch_2)
     killer.start()
     result = train_distributed(cfg, workers=2, max_failures=1)
     killer.join()
 
     before, after = split_at_fault(read_reports(cfg.out_dir), run["pid"])
-    assert_resumed(before, after, epochs=4)
-    assert result.metrics["epoch"] == 3.0
-    assert latest_ray_checkpoint(result.checkpoint.path)["epoch"] == 4
+    assert_resumed(before, after, epochs=6, start=resumed_at(cfg))
+    assert result.metrics["epoch"] == 5.0
+    assert latest_ray_checkpoint(result.checkpoint.path)["epoch"] == 6
     assert result.return_value["epochs_run"] == after
 
 
@@ -125,7 +139,7 @@ def test_stopped_run_resumes_when_the_same_command_runs_again(ray_cluster, tiny_
     run = {"cwd": tmp_path, "env": {**os.environ, "RAY_ADDRESS": ray_cluster}, "text": True}
 
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **run)
-    pid = wait_for_report(cfg, epoch=0)[-1]["pid"]
+    pid = wait_for_report(cfg, epoch=2)[-1]["pid"]  # as in the kill test: a checkpoint had time to register
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=120)
     assert int(max(r["epoch"] for r in read_reports(cfg.out_dir))) < 11, "stopped too late to test resuming"
@@ -135,8 +149,21 @@ def test_stopped_run_resumes_when_the_same_command_runs_again(ray_cluster, tiny_
     assert "mIoU" in second.stdout
 
     before, after = split_at_fault(read_reports(cfg.out_dir), pid)
-    assert_resumed(before, after, epochs=12)
+    assert_resumed(before, after, epochs=12, start=resumed_at(cfg))
     assert ckpt.load(Path(cfg.out_dir) / ckpt.LATEST)["epoch"] == 12
+
+
+def test_an_unreadable_ray_checkpoint_falls_back_to_the_run_folder(ray_cluster, tiny_config):
+    cfg = tiny_config()
+    first = train_distributed(cfg, workers=2)
+    ray_copy = Path(first.checkpoint.path) / ckpt.LATEST
+    ray_copy.unlink()  # a new file, not a write through a hard link that out_dir's latest.pth may share
+    ray_copy.write_bytes(b"truncated")
+    longer = replace(cfg, optim=replace(cfg.optim, epochs=3))
+    result = train_distributed(longer, workers=2)
+    assert result.return_value["epochs_run"] == [2]  # out_dir's latest.pth (epoch 2), not a fresh start
+    log = (Path(cfg.out_dir) / RUN_LOG).read_text()
+    assert "cannot be read" in log and "resuming from the newest good checkpoint of" in log
 
 
 def test_too_many_workers_fail_before_starting(ray_cluster, tiny_config):

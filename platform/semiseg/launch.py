@@ -33,10 +33,13 @@ from trainers import checkpoint as ckpt
 from trainers import resume
 from trainers.config import ConfigError, TrainConfig, from_dict
 from trainers.entry import train
+from trainers.errors import CheckpointError
 from trainers.loop import Reporter
 
 WORKER_CPUS = 0.99
 """CPUs each CPU worker asks for: a whole core each, less a sliver for a Tune trial's driver function."""
+
+log = logging.getLogger(__name__)
 
 REPORTS = "ray_reports.jsonl"
 """Rank 0 appends each epoch's metrics and its pid/node once reported, across restarts: what a fault cost."""
@@ -220,14 +223,26 @@ def capture_logs(path: Path, source: str) -> Iterator[None]:
 
 
 def resume_state(cfg: TrainConfig, force: bool = False) -> dict[str, Any] | None:
-    """The run's latest Ray checkpoint, else `<out_dir>/latest.pth` (an in-process run), else None;
-    either checked against `cfg` (`trainers.resume.check`)."""
+    """The run's latest Ray checkpoint; else (none, or it cannot be read) the newest good one of
+    `<out_dir>` (latest.pth, else previous.pth, as in-process), else None; checked against `cfg`.
+
+    Every rank reads the same files (Ray's storage and out_dir are shared by all nodes), so all ranks
+    fall back alike and start from the same epoch."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return resume.resumable(cfg, force)
-    with checkpoint.as_directory() as folder:
-        path = Path(folder) / ckpt.LATEST
-        state = ckpt.load(path)
+    try:
+        with checkpoint.as_directory() as folder:
+            path = Path(folder) / ckpt.LATEST
+            state = ckpt.load(path)
+    except (CheckpointError, OSError) as exc:
+        log.warning(
+            "Ray checkpoint %s cannot be read (%s); resuming from the newest good checkpoint of %s instead",
+            checkpoint.path,
+            exc,
+            cfg.out_dir,
+        )
+        return resume.resumable(cfg, force)
     resume.check(state, cfg, path, force)
     return state
 
