@@ -133,7 +133,7 @@ BAD = [
     (
         "unknown axis",
         {"axes": {"method": ["mspl"], "colour": ["red"]}},
-        "axes.colour: unknown axis (expected one of ['dataset', 'method', 'seed', 'split'])",
+        "axes.colour: unknown key (expected one of ['dataset', 'method', 'seed', 'split'])",
     ),
     (
         "absent split",
@@ -149,12 +149,12 @@ BAD = [
     (
         "method typo",
         {"axes": {"method": ["supervised", "unimach"]}},
-        f"axes.method: unknown method 'unimach' (expected one of {sorted(METHODS)})",
+        f"axes.method: expected one of {sorted(METHODS)}, got 'unimach'",
     ),
     (
         "split read as a number",
         {"axes": {"split": [116]}},
-        "axes.split[0]: expected str, got 116 (quote it: YAML reads 1_16 as the number 116)",
+        "axes.split: expected str, got 116 (int) (quote it: YAML reads 1_16 as the number 116)",
     ),
     ("unknown top-level key", {"seeds": [0, 1]}, "seeds: unknown key"),
     ("base typo", {"base": {"optim": {"lrr": 0.1}}}, "base.optim.lrr: unknown key"),
