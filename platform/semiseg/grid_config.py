@@ -139,7 +139,9 @@ def load_grid(path: str | Path) -> Grid:
 def read_file(data: dict[str, Any]) -> GridFile:
     """A grid file's mapping, checked: `from_dict` types every key but MAPPINGS, which are checked apart
     (one ConfigError naming the dotted key)."""
-    given = {k: v for k, v in data.items() if v is not None}  # null means the default, as an absent key
+    known = {f.name for f in dataclasses.fields(GridFile)}
+    # A known key set to null means its default, as if absent; an unknown one is still reported.
+    given = {k: v for k, v in data.items() if v is not None or k not in known}
     try:
         typed = from_dict(GridFile, {k: v for k, v in given.items() if k not in MAPPINGS})
     except ValueError as exc:  # SynthOptions checks its ranges with plain ValueErrors
@@ -170,6 +172,7 @@ def _build(path: Path, spec: GridFile) -> Grid:
 
 
 def _base(raw: Any) -> dict[str, Any]:
+    """`base:` checked as a TrainConfig, with its paths made absolute (see PATH_KEYS)."""
     from_dict(TrainConfig, raw, "base")
     if "out_dir" in raw:
         raise ConfigError("base.out_dir: set by the grid (each trial writes under storage/trials/)")
