@@ -132,6 +132,14 @@ def run_table(command: str, capsys: pytest.CaptureFixture) -> None:
     assert "| best epoch |" in capsys.readouterr().out
 
 
+def run_dry(command: str, capsys: pytest.CaptureFixture) -> None:
+    """A dry run in a fresh checkout (no dataset, no Ray): one config per trial, nothing written."""
+    assert semiseg(*shlex.split(command)[1:]) == 0
+    grid = load_grid(shlex.split(command)[2])
+    assert capsys.readouterr().out.count("\n--- # trial ") == len(grid.trials) > 1
+    assert not grid.storage.exists()
+
+
 def expect_exit(*codes: int) -> Callable[[str, pytest.CaptureFixture], None]:
     """Run the command as written; it must end with one of `codes` (a check that reports problems exits 1)."""
 
@@ -168,6 +176,7 @@ RUN = {
     "semiseg data check coco --root data/coco --decode": expect_exit(0, 1),
     "semiseg weights check": expect_exit(0),
     "semiseg cluster check cluster.yaml": expect_exit(0, 1),
+    "semiseg grid experiments/pascal.yaml --dry-run": run_dry,
     "semiseg table experiments/demo.yaml": run_table,
     "semiseg ui experiments/demo.yaml": lambda command, capsys: run_ui(command),
     "semiseg train": help_of,

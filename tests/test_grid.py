@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import yaml
 from semiseg import cli, launch, tables, tracking
 from semiseg.grid import load_grid
 
-from trainers.config import ConfigError
+from trainers.config import ConfigError, TrainConfig, from_dict
 from trainers.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,11 +130,42 @@ def test_tracking_uri_from_the_environment_wins(tmp_path, monkeypatch):
     assert grid.tracking_uri == "http://127.0.0.1:5999"
 
 
+def test_dry_run_prints_every_resolved_trial_config_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.chdir(tmp_path)  # pascal's storage is runs/pascal under the working directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = REPO / "experiments" / "pascal.yaml"
+    cli.main(["grid", str(path), "--dry-run"])  # returns (exit code 0) instead of running anything
+
+    out = capsys.readouterr().out
+    grid = load_grid(path)
+    assert len(grid.trials) == math.prod(len(v) for v in grid.axes.values()) == 6 * 5 * 3
+    headers = re.findall(r"^--- # trial (\d+)/90: (\S+)$", out, re.M)
+    assert headers == [(str(i), t.key) for i, t in enumerate(grid.trials, 1)]
+    documents = list(yaml.safe_load_all(out))
+    assert len(documents) == len(grid.trials)
+    for document, trial in zip(documents, grid.trials, strict=True):
+        config = from_dict(TrainConfig, document)  # each document is a training config as it stands
+        assert config == trial.config
+        assert (config.method.name, config.data.split, config.seed) == tuple(
+            trial.axes[a] for a in ("method", "split", "seed")
+        )
+        assert (config.optim.lr, config.optim.epochs, config.data.root) == (
+            0.001,
+            200,
+            str(tmp_path / "data/VOC2012"),
+        )
+        assert config.method.conf_thresh == (0.6 if config.method.name == "psmt" else 0.95)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == []
+
+
 BAD = [
     (
         "unknown axis",
         {"axes": {"method": ["mspl"], "colour": ["red"]}},
-        "axes.colour: unknown axis (expected one of ['dataset', 'method', 'seed', 'split'])",
+        "axes.colour: unknown key (expected one of ['dataset', 'method', 'seed', 'split'])",
     ),
     (
         "absent split",
@@ -149,12 +181,12 @@ BAD = [
     (
         "method typo",
         {"axes": {"method": ["supervised", "unimach"]}},
-        f"axes.method: unknown method 'unimach' (expected one of {sorted(METHODS)})",
+        f"axes.method: expected one of {sorted(METHODS)}, got 'unimach'",
     ),
     (
         "split read as a number",
         {"axes": {"split": [116]}},
-        "axes.split[0]: expected str, got 116 (quote it: YAML reads 1_16 as the number 116)",
+        "axes.split: expected str, got 116 (int) (quote it: YAML reads 1_16 as the number 116)",
     ),
     ("unknown top-level key", {"seeds": [0, 1]}, "seeds: unknown key"),
     ("base typo", {"base": {"optim": {"lrr": 0.1}}}, "base.optim.lrr: unknown key"),
@@ -184,10 +216,11 @@ BAD = [
 
 
 @pytest.mark.parametrize(("change", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_grid_is_one_clear_error_before_any_trial(tmp_path, capsys, change, message):
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]], ids=["run", "dry run"])
+def test_bad_grid_is_one_clear_error_before_any_trial(tmp_path, capsys, change, message, extra):
     path = write(tmp_path, tiny_grid(tmp_path, **change))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["grid", str(path)])
+        cli.main(["grid", str(path), *extra])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith(f"error: {path}: {message}")

@@ -48,7 +48,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _digest(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks (checkpoint sidecars, `semiseg weights check`)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -86,7 +87,7 @@ def _stage(state: dict[str, Any], path: Path) -> tuple[Path, Path]:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        sidecar_tmp.write_text(_digest(tmp))
+        sidecar_tmp.write_text(sha256(tmp))
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
         sidecar_tmp.unlink(missing_ok=True)
@@ -116,7 +117,7 @@ def save(state: dict[str, Any], path: Path) -> None:
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint, checking its SHA-256 sidecar when present."""
     sidecar = _sidecar(path)
-    if sidecar.exists() and sidecar.read_text().strip() != _digest(path):
+    if sidecar.exists() and sidecar.read_text().strip() != sha256(path):
         raise CheckpointError(f"{path}: SHA-256 does not match {sidecar.name} (truncated or corrupted)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -95,12 +95,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
-    """Run (or --resume) an experiment grid with Ray Tune; print the table built from MLflow."""
-    from semiseg.grid import GridError, load_grid, run
+    """Run (or --resume) an experiment grid with Ray Tune; print the table built from MLflow. --dry-run:
+    print the trials and their resolved configs instead, starting nothing."""
+    from semiseg.grid import GridError, run
+    from semiseg.grid_config import load_grid, plan
 
     if args.force and not args.resume:
         raise ConfigError("--force: only with --resume (it accepts a changed grid file when resuming)")
     grid = load_grid(args.file)
+    if args.dry_run:
+        print(plan(grid))
+        return
     try:
         outcome = run(grid, args.resume, args.address, args.verbose, force=args.force)
     except GridError as exc:
@@ -196,7 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
     parser = argparse.ArgumentParser(prog="semiseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_training(sub)
+    _add_data(sub)
+    _add_cluster(sub)
+    _add_grids(sub)
+    return parser
 
+
+def _flag(parser: argparse.ArgumentParser, name: str, what: str) -> None:
+    parser.add_argument(name, action="store_true", help=what)
+
+
+def _add_training(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train one config, in-process or on Ray workers (resumes by itself)")
     train.add_argument("--config", required=True)
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.epochs=3")
@@ -205,17 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="DDP workers under Ray Train (joins $RAY_ADDRESS, else starts a local Ray); default: in-process",
     )
-    train.add_argument("--gpu", action="store_true", help="a GPU per Ray worker: NCCL, SyncBatchNorm")
+    _flag(train, "--gpu", "a GPU per Ray worker: NCCL, SyncBatchNorm")
     again = train.add_mutually_exclusive_group()
-    again.add_argument(
+    _flag(
+        again,
         "--restart",
-        action="store_true",
-        help="train afresh: move out_dir's files into out_dir/replaced-<time>/ first (nothing is deleted)",
+        "train afresh: move out_dir's files into out_dir/replaced-<time>/ first (nothing is deleted)",
     )
-    again.add_argument(
+    _flag(
+        again,
         "--force-resume",
-        action="store_true",
-        help="resume although the config differs from the checkpoint's (the differences are logged)",
+        "resume although the config differs from the checkpoint's (the differences are logged)",
     )
     train.set_defaults(func=cmd_train)
 
@@ -232,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
-    data_parser = sub.add_parser("data", help="datasets and splits")
-    data = data_parser.add_subparsers(dest="data_command", required=True)
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="datasets and splits").add_subparsers(
+        dest="data_command", required=True
+    )
     synth = data.add_parser("synth", help="write the synthetic dataset in Pascal VOC's layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=320)
@@ -254,9 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--split", help="one published split (e.g. 92, 1_16); default: all of them")
     check.add_argument("--split-dir", help="check the lists in this folder (labeled.txt, unlabeled.txt)")
     check.add_argument("--val-list", help="check this val list instead of the published one")
-    check.add_argument("--decode", action="store_true", help="also decode every unlabeled image (slow)")
+    _flag(check, "--decode", "also decode every unlabeled image (slow)")
     check.set_defaults(func=cmd_data_check)
 
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
     cluster = sub.add_parser("cluster", help="the cluster launcher's cluster.yaml and the head's services")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
     ccheck = cluster_sub.add_parser("check", help="list what a cluster.yaml still needs, and schema errors")
@@ -269,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", help="address to bind (default: the head's private address)")
     server.add_argument("--port", type=int, default=5000)
     server.add_argument("--workers", type=int, default=1)
-    server.add_argument("--stop", action="store_true", help="stop the server this command started")
+    _flag(server, "--stop", "stop the server this command started")
     server.set_defaults(func=cmd_cluster_mlflow)
 
     weights = sub.add_parser("weights", help="pretrained backbone weights").add_subparsers(
@@ -279,20 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     wcheck.add_argument("--dir", default="pretrained", help="folder of the weight files")
     wcheck.set_defaults(func=cmd_weights_check)
 
+
+def _add_grids(sub: argparse._SubParsersAction) -> None:
     grid = sub.add_parser("grid", help="run an experiment grid (experiments/*.yaml) with Ray Tune and MLflow")
     grid.add_argument("file", help="grid file, e.g. experiments/demo.yaml")
-    grid.add_argument("--resume", action="store_true", help="continue an interrupted grid (Tuner.restore)")
+    _flag(grid, "--resume", "continue an interrupted grid (Tuner.restore)")
     grid.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a private one)")
-    grid.add_argument(
+    _flag(
+        grid,
         "--force",
-        action="store_true",
-        help="with --resume: continue although the grid file changed, if the trials stay the same and no "
+        "with --resume: continue although the grid file changed, if the trials stay the same and no "
         "finished trial's config changes (unfinished ones take the new values)",
     )
-    grid.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show Ray's and the workers' output (else in each run.log)",
+    _flag(grid, "--verbose", "also show Ray's and the workers' output (else in each run.log)")
+    _flag(
+        grid,
+        "--dry-run",
+        "list the trials and each one's resolved config (YAML); start no Ray or MLflow, write nothing",
     )
     grid.set_defaults(func=cmd_grid)
 
@@ -301,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", help="folder for table.md/.csv/.parquet and the plot (<storage>/table)")
     table.add_argument("--tracking-uri", help="default: the grid's, or $MLFLOW_TRACKING_URI")
     table.add_argument("--parent", help="MLflow run id of the grid run (default: the latest)")
-    table.add_argument("--no-reference", action="store_true", help="leave out the published Pascal rows")
+    _flag(table, "--no-reference", "leave out the published Pascal rows")
     table.set_defaults(func=cmd_table)
 
     ui = sub.add_parser("ui", help="the MLflow UI over a grid's store, on 127.0.0.1")
@@ -309,7 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", help="default: the grid's, or $MLFLOW_TRACKING_URI")
     ui.set_defaults(func=cmd_ui)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

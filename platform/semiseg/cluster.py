@@ -17,12 +17,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from semiseg.ui import healthy
 
 PLACEHOLDER = "REPLACE_ME"
 HINTS = {
@@ -203,18 +204,12 @@ def start_mlflow(
 
 
 def _wait_ready(server: subprocess.Popen, uri: str, log: Path) -> None:
-    deadline = time.monotonic() + MLFLOW_READY_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:]
-            code = server.returncode
-            raise ClusterError(f"mlflow server for {uri} exited with code {code}; {log}:\n{tail}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
+    if healthy(server, uri, MLFLOW_READY_S):
+        return
+    if server.poll() is not None:
+        tail = log.read_text(errors="replace")[-2000:]
+        code = server.returncode
+        raise ClusterError(f"mlflow server for {uri} exited with code {code}; {log}:\n{tail}")
     os.killpg(server.pid, signal.SIGTERM)
     raise ClusterError(f"mlflow server for {uri} did not answer within {MLFLOW_READY_S:.0f} s; see {log}")
 

@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from semiseg import ray_local
-from semiseg.grid import Grid
+from semiseg.grid_config import Grid
 from semiseg.launch import RUN_LOG
 
 PROGRESS_INTERVAL_S = 300.0

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from trainers.config import ConfigError, flatten
 
 if TYPE_CHECKING:
-    from semiseg.grid import Grid
+    from semiseg.grid_config import Grid
 
 SNAPSHOT = "snapshot"
 """The key of grid.json that holds the snapshot."""
@@ -114,7 +114,7 @@ def _trial_set_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 def logged_snapshot(grid: Grid, state: dict[str, Any]) -> dict[str, Any]:
     """The snapshot of the grid file the parent run logged, for a grid.json written before snapshots."""
     from semiseg import tracking
-    from semiseg.grid import load_grid
+    from semiseg.grid_config import load_grid
 
     mlflow = tracking.client(grid.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:

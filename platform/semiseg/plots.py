@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import matplotlib
 
@@ -14,12 +15,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
-    from semiseg.tables import Cell
     from trainers.config import TrainConfig
 
 LOSS_TERMS = ("aug", "self_training")
 """Method terms that are losses without a loss_ prefix."""
 OVERLAY_ALPHA = 0.5
+
+
+class LabelPoint(Protocol):
+    """What `miou_vs_labels` reads of a table cell (semiseg.tables.Cell): declared here so that this
+    module, which the tables module draws its plot with, does not import it back."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def num_labeled(self) -> int: ...
+    @property
+    def best_mean(self) -> float: ...
+    @property
+    def best_std(self) -> float: ...
 
 
 def curves(histories: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
@@ -45,7 +63,7 @@ def curves(histories: dict[str, list[tuple[int, float]]], path: str | Path, titl
     return _save(fig, path)
 
 
-def miou_vs_labels(cells: list[Cell], path: str | Path) -> Path:
+def miou_vs_labels(cells: Sequence[LabelPoint], path: str | Path) -> Path:
     """Best-epoch mIoU (mean, std bars) vs the number of labeled images, one line per method, per dataset."""
     datasets = sorted({c.dataset for c in cells if c.source == "ours"})
     fig, axes = plt.subplots(

@@ -54,18 +54,26 @@ def start(uri: str, port: int, artifacts: Path | None = None) -> subprocess.Pope
     return subprocess.Popen(server_command(uri, port, artifacts), env=env, start_new_session=True)
 
 
-def wait_ready(process: subprocess.Popen, port: int, timeout: float = READY_TIMEOUT_S) -> None:
-    """Block until the server answers its health check; fail if it exits or takes longer than `timeout`."""
+def healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
+    """Poll the MLflow server at `url` until its /health answers (True), or until it exits or `timeout`
+    seconds pass (False: the caller tells which, as `process.poll()` does)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with code {process.returncode} before it was ready")
+    while time.monotonic() < deadline and process.poll() is None:
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as reply:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
                 if reply.status == 200:
-                    return
+                    return True
         except OSError:
             time.sleep(0.5)
+    return False
+
+
+def wait_ready(process: subprocess.Popen, port: int, timeout: float = READY_TIMEOUT_S) -> None:
+    """Block until the server answers its health check; fail if it exits or takes longer than `timeout`."""
+    if healthy(process, f"http://{HOST}:{port}", timeout):
+        return
+    if process.poll() is not None:
+        raise RuntimeError(f"mlflow server exited with code {process.returncode} before it was ready")
     raise TimeoutError(f"mlflow server on port {port} not ready after {timeout:.0f} s")
 
 

@@ -7,7 +7,6 @@ differ from it are reported.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +33,6 @@ class WeightsStatus:
         return self.error is None
 
 
-def sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def pinned_sums(folder: Path) -> dict[str, str]:
     """File name -> SHA-256 from `folder/SHA256SUMS` (empty when there is none)."""
     path = folder / SUMS_FILE
@@ -60,6 +50,7 @@ def check_file(folder: Path, name: str, backbone: str, pinned: str | None = None
     """Size, SHA-256 and a real load of `folder/name` into a fresh `backbone`."""
     from pretrained import WeightsError, load_backbone_weights
     from trainers.backbones import BACKBONES
+    from trainers.checkpoint import sha256
 
     path = folder / name
     if not path.is_file():

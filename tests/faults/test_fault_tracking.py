@@ -66,7 +66,7 @@ def test_training_goes_on_while_the_store_is_gone_and_no_epoch_is_lost(ray_clust
     reports = launch.read_reports(cfg.out_dir)
     assert result.return_value["epochs_run"] == [0, 1, 2] and len({r["pid"] for r in reports}) == 1
     assert logged(uri, run_id) == []
-    # What the trial driver does once training returns (semiseg.grid.run_trial): replay what the store lacks.
+    # What the trial driver does once training returns (semiseg.trial.run_trial): replay what the store lacks.
     assert tracking.backfill(tracking.client(uri), run_id, reports) == [0, 1, 2]
     assert logged(uri, run_id) == [(int(r["epoch"]), r["miou"]) for r in reports]
     assert set(tracking.client(uri).get_run(run_id).data.metrics).isdisjoint(tracking.REPORT_CONTEXT)
