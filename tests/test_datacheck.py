@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from semiseg import cli
-from semiseg.datacheck import check_tree, published_split_names
+from semiseg.datacheck import check_tree
 
-from trainers.datasets import PUBLISHED_SPLITS, read_list, voc_palette, write_list
+from trainers.datasets import PUBLISHED_SPLITS, read_list, split_names, voc_palette, write_list
 
 SIZE = (20, 14)
 SPLITS = {
@@ -153,8 +153,8 @@ def test_coco_without_train2017_says_which_folder(tmp_path, capsys):
 
 
 def test_every_published_split_is_selectable_by_name():
-    assert published_split_names("pascal") == sorted(
+    assert split_names("pascal", "unused: shipped lists") == sorted(
         ["92", "183", "366", "732", "1464", "1_16", "1_8", "1_4", "u2pl_1_16", "u2pl_1_8", "u2pl_1_4"]
     )
-    assert published_split_names("cityscapes") == sorted(["1_30", "1_16", "1_8", "1_4", "1_2"])
-    assert published_split_names("coco") == sorted(["1_512", "1_256", "1_128", "1_64", "1_32"])
+    assert split_names("cityscapes", "unused: shipped lists") == sorted(["1_30", "1_16", "1_8", "1_4", "1_2"])
+    assert split_names("coco", "unused: shipped lists") == sorted(["1_512", "1_256", "1_128", "1_64", "1_32"])

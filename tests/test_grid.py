@@ -161,6 +161,23 @@ def test_dry_run_prints_every_resolved_trial_config_and_starts_nothing(tmp_path,
     assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == []
 
 
+def test_dry_run_piped_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
+    # `semiseg grid ... --dry-run | head`: the pipe closes after a few lines of ~4,800.
+    command = [
+        sys.executable,
+        "-m",
+        "semiseg.cli",
+        "grid",
+        str(REPO / "experiments" / "pascal.yaml"),
+        "--dry-run",
+    ]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert run.stdout.readline().startswith(b"# grid pascal")
+    run.stdout.close()
+    assert run.wait(timeout=60) == 0
+    assert b"Traceback" not in run.stderr.read()
+
+
 BAD = [
     (
         "unknown axis",

@@ -229,8 +229,7 @@ def test_mspl_views_carry_the_cutout_view_normalization_switch(normalized):
 
 def test_views_of_the_other_methods():
     views = {
-        n: build_method(MethodConfig(name=n), IGNORE).views
-        for n in ("supervised", "fixmatch", "unimatch")
+        n: build_method(MethodConfig(name=n), IGNORE).views for n in ("supervised", "fixmatch", "unimatch")
     }
     assert views == {
         "supervised": ViewSpec(),

@@ -133,11 +133,11 @@ def test_overlay_colours_labels_and_leaves_ignored_pixels(tmp_path):
     image = np.full((4, 4, 3), 100, np.uint8)
     mask = np.array([[0, 1, 255, 255]] * 4, np.uint8)
     palette = [0, 0, 0, 200, 0, 0] + [0] * (256 * 3 - 6)
-    blended = plots._blend(image, mask, np.array(palette, np.float32).reshape(-1, 3))
+    blended = plots._blend(image, mask, np.array(palette, np.float32).reshape(-1, 3), 255)
     assert blended[0, 0].tolist() == [50, 50, 50]
     assert blended[0, 1].tolist() == [150, 50, 50]
     assert blended[0, 2].tolist() == [100, 100, 100]
-    path = plots.overlays([(image, mask, mask)], palette, tmp_path / "o.png")
+    path = plots.overlays([(image, mask, mask)], palette, tmp_path / "o.png", 255)
     with Image.open(path) as im:
         assert im.format == "PNG"
 

@@ -208,16 +208,27 @@ def resolve_split(cfg: DataConfig) -> SplitFiles:
     return SplitFiles(labeled, unlabeled, read_list(val_list), labeled_list, unlabeled_list, val_list)
 
 
+def splits_folder(dataset: str, root: str | Path) -> Path:
+    """Where `data.split` names are looked up: the shipped lists of a published dataset, else
+    `<root>/splits`."""
+    return PUBLISHED_SPLITS / dataset if _lookup(dataset).published else Path(root) / "splits"
+
+
+def split_names(dataset: str, root: str | Path) -> list[str]:
+    """The split names `data.split` may take for `dataset` (each a folder with a labeled.txt)."""
+    return sorted(p.parent.name for p in splits_folder(dataset, root).glob("*/labeled.txt"))
+
+
 def _split_folder(cfg: DataConfig, spec: DatasetSpec) -> Path:
     if cfg.split_dir is not None:
         folder = Path(cfg.split_dir)
         if not (folder / "labeled.txt").is_file():
             raise DataError(f"data.split_dir: {folder} has no labeled.txt")
         return folder
-    parent = PUBLISHED_SPLITS / cfg.dataset if spec.published else Path(cfg.root) / "splits"
+    parent = splits_folder(cfg.dataset, cfg.root)
     folder = parent / cfg.split
     if not (folder / "labeled.txt").is_file():
-        available = sorted(p.parent.name for p in parent.glob("*/labeled.txt"))
+        available = split_names(cfg.dataset, cfg.root)
         raise DataError(f"data.split: unknown split {cfg.split!r} in {parent} (expected one of {available})")
     return folder
 

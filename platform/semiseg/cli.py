@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -347,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the latest checkpoint", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader of the output went away (`semiseg grid ... --dry-run | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

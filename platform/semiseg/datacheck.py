@@ -14,7 +14,6 @@ from pathlib import Path
 from trainers.config import DataConfig
 from trainers.datasets import (
     DATASETS,
-    PUBLISHED_SPLITS,
     DataError,
     Pair,
     Problem,
@@ -22,6 +21,7 @@ from trainers.datasets import (
     check_pairs,
     check_split,
     resolve_split,
+    split_names,
 )
 
 LAYOUTS = {
@@ -81,11 +81,6 @@ class DataReport:
         return not self.problems
 
 
-def published_split_names(dataset: str) -> list[str]:
-    """The split names shipped for `dataset` (what a grid's `split` axis may name)."""
-    return sorted(p.parent.name for p in (PUBLISHED_SPLITS / dataset).glob("*/labeled.txt"))
-
-
 def check_tree(
     dataset: str,
     root: str | Path,
@@ -100,7 +95,7 @@ def check_tree(
         raise DataError(f"dataset {dataset!r}: expected one of {sorted(LAYOUTS)}")
     spec = DATASETS[dataset]
     report = DataReport(dataset, Path(root))
-    names = [Path(split_dir).name] if split_dir else list(splits or published_split_names(dataset))
+    names = [Path(split_dir).name] if split_dir else list(splits or split_names(dataset, root))
     seen: set[tuple[Pair, bool, bool]] = set()
     for name in names:
         cfg = DataConfig(dataset=dataset, root=str(root), split=name, split_dir=split_dir, val_list=val_list)

@@ -252,17 +252,14 @@ def available_splits(dataset: str, root: str, synth: dict[str, int] | None, key:
     """Split names a dataset offers: shipped ones for published datasets, else the folders under root/splits
     (or, for a synthetic dataset still to be generated, the splits trainers.synth writes). `key` is the
     grid key an unknown dataset is reported under."""
-    from trainers.datasets import DATASETS, PUBLISHED_SPLITS
+    from trainers.datasets import DATASETS, split_names, splits_folder
 
-    spec = choice(key, dataset, DATASETS)
-    folder = PUBLISHED_SPLITS / dataset if spec.published else Path(root) / "splits"
-    if folder.is_dir():
-        return sorted(p.parent.name for p in folder.glob("*/labeled.txt"))
-    if dataset == "synthetic" and synth is not None:
+    choice(key, dataset, DATASETS)
+    if dataset == "synthetic" and synth is not None and not splits_folder(dataset, root).is_dir():
         from trainers.synth import SPLITS
 
         return sorted(SPLITS)
-    return []
+    return split_names(dataset, root)
 
 
 def check_split(grid: Grid, dataset: str, split: str, root: str) -> None:

@@ -92,25 +92,28 @@ def miou_vs_labels(cells: Sequence[LabelPoint], path: str | Path) -> Path:
 
 
 def overlays(
-    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: list[int], path: str | Path
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    palette: list[int],
+    path: str | Path,
+    ignore_index: int,
 ) -> Path:
     """Rows of (image, ground truth over image, prediction over image) for (H, W, 3) uint8 images and
-    (H, W) class-id masks; ignored pixels (255) stay uncoloured."""
+    (H, W) class-id masks; ignored pixels (`ignore_index`) stay uncoloured."""
     colours = np.array(palette, dtype=np.float32).reshape(-1, 3)
     fig, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
     for row, (image, mask, pred) in zip(axes, samples, strict=True):
         for ax, (title, shown) in zip(
             row, (("image", None), ("ground truth", mask), ("prediction", pred)), strict=True
         ):
-            ax.imshow(image if shown is None else _blend(image, shown, colours))
+            ax.imshow(image if shown is None else _blend(image, shown, colours, ignore_index))
             ax.set_title(title)
             ax.axis("off")
     return _save(fig, path)
 
 
-def _blend(image: np.ndarray, mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
+def _blend(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, ignore_index: int) -> np.ndarray:
     out = image.astype(np.float32)
-    valid = mask != 255
+    valid = mask != ignore_index
     out[valid] = (1 - OVERLAY_ALPHA) * out[valid] + OVERLAY_ALPHA * colours[mask[valid]]
     return out.astype(np.uint8)
 
@@ -120,19 +123,19 @@ def predict_samples(cfg: TrainConfig, checkpoint_file: Path, count: int) -> list
     import torch
 
     from trainers import augment
-    from trainers.datasets import DATASETS, PairDataset, resolve_split
+    from trainers.datasets import PairDataset, dataset_spec, resolve_split
     from trainers.evaluate import predict
-    from trainers.network import load_network, num_classes
+    from trainers.network import load_network
 
     net, _ = load_network(checkpoint_file, cfg)
     split = resolve_split(cfg.data)
     plain = PairDataset(cfg.data.root, split.val[:count])
     normalized = PairDataset(cfg.data.root, split.val[:count], augment.eval_transform())
-    mode = cfg.data.eval_mode or DATASETS[cfg.data.dataset].eval_mode
+    spec = dataset_spec(cfg.data)
     samples = []
     with torch.no_grad():
         for (image, mask), item in zip(plain, normalized, strict=True):
-            logits = predict(net, item["image"][None], mode, cfg.data.crop_size, num_classes(cfg))
+            logits = predict(net, item["image"][None], spec.eval_mode, cfg.data.crop_size, spec.num_classes)
             pred = logits.argmax(1)[0].numpy().astype(np.uint8)
             image, mask = np.asarray(image), np.asarray(mask)
             if pred.shape != mask.shape:  # center_crop predicts the central square only

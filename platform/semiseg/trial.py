@@ -103,7 +103,7 @@ def log_trial_artifacts(mlflow: Any, run_id: str, trial: Trial, result: Any) -> 
 
     from semiseg import plots, tracking
     from trainers import checkpoint as ckpt
-    from trainers.datasets import voc_palette
+    from trainers.datasets import dataset_spec, voc_palette
 
     keys = [k for k in mlflow.get_run(run_id).data.metrics if not k.startswith("iou_")]
     histories = {k: tracking.history(mlflow, run_id, k) for k in keys}
@@ -113,5 +113,6 @@ def log_trial_artifacts(mlflow: Any, run_id: str, trial: Trial, result: Any) -> 
         (out / "config.yaml").write_text(yaml.safe_dump(trial.config.to_dict(), sort_keys=False))
         plots.curves(histories, out / "curves.png", trial.key)
         samples = plots.predict_samples(trial.config, Path(folder) / ckpt.LATEST, OVERLAY_IMAGES)
-        plots.overlays(samples, voc_palette(), out / "overlays.png")
+        ignore = dataset_spec(trial.config.data).ignore_index
+        plots.overlays(samples, voc_palette(), out / "overlays.png", ignore)
         mlflow.log_artifacts(run_id, tmp)
