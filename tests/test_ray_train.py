@@ -141,7 +141,10 @@ def test_stopped_run_resumes_when_the_same_command_runs_again(ray_cluster, tiny_
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **run)
     pid = wait_for_report(cfg, epoch=2)[-1]["pid"]  # as in the kill test: a checkpoint had time to register
     first.send_signal(signal.SIGINT)
-    first.communicate(timeout=120)
+    output, _ = first.communicate(timeout=120)
+    # Ray Train's own SIGINT handler used to end the command with exit 1 and no word of what happened.
+    assert first.returncode == 130, output[-3000:]
+    assert "interrupted: run the same command again to resume" in output
     assert int(max(r["epoch"] for r in read_reports(cfg.out_dir))) < 11, "stopped too late to test resuming"
 
     second = subprocess.run(command, capture_output=True, timeout=300, **run)

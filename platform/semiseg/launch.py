@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -80,7 +81,7 @@ def train_distributed(
     # Here, not in the workers: a refused resume is one error, not a failed worker group retried.
     resume.prepare(cfg, restart, force_resume)
     check_storage(storage)
-    trainer = TorchTrainer(
+    trainer = InterruptibleTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "force_resume": force_resume},
         torch_config=torch_config(cfg, use_gpu),
@@ -93,7 +94,34 @@ def train_distributed(
             callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if trainer.interrupted:
+        # Ray aborted the run gracefully and fit() returned: to the caller it is still a Ctrl-C.
+        raise KeyboardInterrupt
+    return result
+
+
+class InterruptibleTrainer(TorchTrainer):
+    """TorchTrainer whose Ctrl-C reaches the caller as KeyboardInterrupt, after Ray's graceful abort.
+
+    Ray Train's own SIGINT handler aborts the run, then returns or calls sys.exit(0), which the process
+    turned into exit 1 with no message. Here the handler is wrapped: Ray still aborts the run; the
+    caller (`semiseg train`: exit 130, "run the same command again to resume") is told."""
+
+    interrupted = False
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        super()._register_sigint_handler(controller)
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def handler(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            try:
+                ray_handler(signum, frame)
+            except SystemExit:
+                raise KeyboardInterrupt from None
+
+        signal.signal(signal.SIGINT, handler)
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
