@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -285,11 +286,30 @@ def _reported(grid) -> dict[tuple[str, str], dict]:
     return out
 
 
-def test_grid_end_to_end_through_tune_train_and_mlflow(tmp_path):
-    path = write(tmp_path, tiny_grid(tmp_path))
+@dataclass
+class Finished:
+    """A `semiseg grid` command run to its end: its grid file, working directory and output."""
+
+    path: Path
+    cwd: Path
+    done: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def tiny_grid_run(tmp_path_factory) -> Finished:
+    """The tiny grid (2 methods x 2 splits) through `semiseg grid` as a user runs it: a private cluster,
+    the quiet console, stdout a pipe. Run once for the tests that each inspect one side of its result."""
+    tmp = tmp_path_factory.mktemp("tiny_grid_run")
+    path = write(tmp, tiny_grid(tmp))
+    # stdout is a pipe, not a terminal: plain status lines, not a block rewritten in place.
     done = subprocess.run(
-        _grid_command(path), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900
+        _grid_command(path), env=_env(), cwd=tmp, capture_output=True, text=True, timeout=900
     )
+    return Finished(path, tmp, done)
+
+
+def test_grid_end_to_end_through_tune_train_and_mlflow(tiny_grid_run):
+    path, tmp_path, done = tiny_grid_run.path, tiny_grid_run.cwd, tiny_grid_run.done
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| best epoch | 1_4 (4 labels) | 1_2 (8 labels) |" in done.stdout
 
@@ -336,25 +356,12 @@ RAY_NOISE = ("WARNING", "Warning", "(raylet)", "pid=", "Failed to query", "Ray",
 """What Ray, Ray Train and Tune print on their own (worker prefixes, warnings, Tune's tables)."""
 
 
-def _console_run(tmp_path: Path, name: str, seeds: list[int], *extra: str) -> tuple[Path, subprocess.Popen]:
-    raw = tiny_grid(
-        tmp_path / name, name=name, axes={"method": ["supervised"], "split": ["1_2"], "seed": seeds}
-    )
-    path = write(tmp_path, raw, f"{name}.yaml")
-    # stdout is a pipe, not a terminal: plain status lines, not a block rewritten in place.
-    command = _grid_command(path, *extra)
-    return path, subprocess.Popen(
-        command, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def test_grid_console_is_a_status_line_per_trial_and_the_table(tmp_path):
-    (quiet, quiet_run), (_, verbose_run) = (
-        _console_run(tmp_path, "quiet", [0, 1]),
-        _console_run(tmp_path, "loud", [0], "--verbose"),
-    )
-    out, loud = quiet_run.communicate(timeout=900)[0], verbose_run.communicate(timeout=900)[0]
-    assert quiet_run.returncode == 0 and verbose_run.returncode == 0, (out + loud)[-3000:]
+def test_grid_console_is_a_status_line_per_trial_and_the_table(tiny_grid_run):
+    quiet, tmp_path, done = tiny_grid_run.path, tiny_grid_run.cwd, tiny_grid_run.done
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # Nothing on stderr: what the user sees is stdout alone (the same as both streams on one pipe).
+    assert done.stderr == ""
+    out = done.stdout
     grid = load_grid(quiet)
     table = (grid.storage / "table" / "table.md").read_text().splitlines()
     lines = out.splitlines()
@@ -363,7 +370,8 @@ def test_grid_console_is_a_status_line_per_trial_and_the_table(tmp_path):
     assert tail[:-1] == ["", *table] and tail[-1].startswith("table -> ")
     assert len(lines) <= 3 * len(grid.trials) + len(table) + 2 < 40
     assert not [line for line in lines if any(noise in line for noise in RAY_NOISE)]
-    labels = {t.key: f"supervised 1_2 seed {t.axes['seed']}  " for t in grid.trials}
+    texts = {t.key: f"{t.axes['method']} {t.axes['split']} seed {t.axes['seed']}" for t in grid.trials}
+    labels = {key: f"{text.ljust(max(map(len, texts.values())))}  " for key, text in texts.items()}
     assert all(any(line.startswith(label) for label in labels.values()) for line in status)
     mlflow, experiment, parent = _store(grid)
     children = _children_by_key(mlflow, experiment, parent.info.run_id)
@@ -376,23 +384,29 @@ def test_grid_console_is_a_status_line_per_trial_and_the_table(tmp_path):
         assert run_log == Path(trial.config.out_dir) / launch.RUN_LOG
         assert "rank 0 INFO trainers.loop: epoch 0: mIoU" in run_log.read_text()
         assert launch.RUN_LOG in {a.path for a in mlflow.list_artifacts(children[trial.key].info.run_id)}
-    # --verbose brings back what the workers print, each line prefixed by its Ray actor.
-    assert "(RayTrainWorker pid=" in loud and "epoch 0: mIoU" in loud
 
 
-def test_u2pl_stpp_and_psmt_train_through_the_grid_into_the_table(ray_cluster, tmp_path):
-    raw = tiny_grid(tmp_path, axes={"method": ["u2pl", "stpp", "psmt"]})
+@pytest.fixture(scope="module")
+def methods_grid_run(ray_cluster, tmp_path_factory) -> Finished:
+    """U2PL, ST++ and PS-MT on split 1_2 through `semiseg grid --verbose`, joining the module's cluster."""
+    tmp = tmp_path_factory.mktemp("methods_grid_run")
+    raw = tiny_grid(tmp, axes={"method": ["u2pl", "stpp", "psmt"]})
     raw["base"]["data"]["split"] = "1_2"
     raw["method_settings"] = {"psmt": {"conf_thresh": 0.6, "weight_u": 0.6}}
-    path = write(tmp_path, raw)
+    path = write(tmp, raw)
     done = subprocess.run(
-        _grid_command(path, "--address", ray_cluster),
+        _grid_command(path, "--address", ray_cluster, "--verbose"),
         env=_env(),
-        cwd=tmp_path,
+        cwd=tmp,
         capture_output=True,
         text=True,
         timeout=900,
     )
+    return Finished(path, tmp, done)
+
+
+def test_u2pl_stpp_and_psmt_train_through_the_grid_into_the_table(methods_grid_run):
+    path, tmp_path, done = methods_grid_run.path, methods_grid_run.cwd, methods_grid_run.done
     assert done.returncode == 0, done.stderr[-3000:]
     grid = load_grid(path)
     mlflow, experiment, parent = _store(grid)
@@ -407,6 +421,14 @@ def test_u2pl_stpp_and_psmt_train_through_the_grid_into_the_table(ray_cluster, t
     assert all(0 <= c.best_mean <= 100 and c.n_seeds == 1 for c in table.cells)
     for method in ("u2pl", "stpp", "psmt"):
         assert f"| {method} |" in done.stdout
+
+
+def test_grid_verbose_console_shows_the_workers_output(methods_grid_run):
+    done = methods_grid_run.done
+    loud = done.stdout + done.stderr
+    assert done.returncode == 0, loud[-3000:]
+    # --verbose brings back what the workers print, each line prefixed by its Ray actor.
+    assert "(RayTrainWorker pid=" in loud and "epoch 0: mIoU" in loud
 
 
 def _children_by_key(mlflow, experiment, parent_id):
