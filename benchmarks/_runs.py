@@ -28,6 +28,7 @@ import yaml
 from _machine import machine
 
 from trainers.config import TrainConfig, load_config
+from trainers.data import steps_per_epoch
 from trainers.datasets import resolve_split
 from trainers.entry import train_local
 from trainers.synth import ensure_generated, render
@@ -167,10 +168,8 @@ def run_one(cfg: TrainConfig, spec: RunSpec, keep_checkpoints: bool = False) -> 
 def _iterations(cfg: TrainConfig, epochs: int) -> int:
     """Optimizer steps run: per epoch, one pass over the unlabeled list (labeled repeated to it)."""
     split = resolve_split(cfg.data)
-    per_epoch = len(split.unlabeled or split.labeled) // cfg.optim.batch_size
-    if cfg.optim.max_iters_per_epoch is not None:
-        per_epoch = min(per_epoch, cfg.optim.max_iters_per_epoch)
-    return per_epoch * epochs
+    cap = cfg.optim.max_iters_per_epoch
+    return steps_per_epoch(len(split.labeled), len(split.unlabeled), 1, cfg.optim.batch_size, cap) * epochs
 
 
 def run_spec(args: argparse.Namespace, data: Path, spec: RunSpec) -> RunResult:

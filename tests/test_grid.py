@@ -144,6 +144,17 @@ def test_dry_run_prints_every_resolved_trial_config_and_starts_nothing(tmp_path,
     assert len(grid.trials) == math.prod(len(v) for v in grid.axes.values()) == 6 * 5 * 3
     headers = re.findall(r"^--- # trial (\d+)/90: (\S+)$", out, re.M)
     assert headers == [(str(i), t.key) for i, t in enumerate(grid.trials, 1)]
+    # 10,490 unlabeled images over 4 workers x batch 2 per epoch, the labeled list repeated to match
+    # (UniMatch's protocol for every method); ST++'s stages on 92 labeled, 5,245 reliable, then all.
+    assert (
+        "--- # trial 1/90: pascal_92_supervised_seed0\n# 262,200 steps (200 epochs x 1,311, global batch 8)\n"
+        in out
+    )
+    assert (
+        "--- # trial 31/90: pascal_92_stpp_seed0\n# stage 1: 4,400 steps (400 epochs x 11, global batch 8)\n"
+        "# stage 2: 131,000 steps (200 epochs x 655, global batch 8)\n"
+        "# stage 3: 262,200 steps (200 epochs x 1,311, global batch 8)\n# total: 397,600 steps\n"
+    ) in out
     documents = list(yaml.safe_load_all(out))
     assert len(documents) == len(grid.trials)
     for document, trial in zip(documents, grid.trials, strict=True):

@@ -9,7 +9,7 @@ from trainers import checkpoint as ckpt
 from trainers.batch import LabeledBatch, UnlabeledBatch
 from trainers.config import MethodConfig, load_config
 from trainers.datasets import Pair, read_list, resolve_split
-from trainers.entry import train
+from trainers.entry import plan, train
 from trainers.forward import Forwarder
 from trainers.methods import build_method
 from trainers.methods.common import build_criterion
@@ -100,7 +100,11 @@ def test_supervised_stage_doubles_epochs_of_small_labeled_sets():
 
 def test_three_stages_run_select_and_resume(tiny_config):
     # 4 labeled images: the supervised stage runs 2 x 2 epochs and keeps snapshots after epochs 1 and 2.
-    cfg = tiny_config(method={"name": "stpp"}, optim={"epochs": 2, "batch_size": 2, "max_iters_per_epoch": 1})
+    # No cap on the steps: each stage runs whole epochs over its lists, as `plan` counts them.
+    cfg = tiny_config(
+        method={"name": "stpp"}, optim={"epochs": 2, "batch_size": 2, "max_iters_per_epoch": None}
+    )
+    planned = plan(cfg, world_size=1)  # before training: stage 2's lists do not exist yet
     reports = []
     result = train(cfg, report=lambda metrics, path: reports.append(metrics), progress=False)
     root = result.out_dir.parent
@@ -120,6 +124,10 @@ def test_three_stages_run_select_and_resume(tiny_config):
     assert stage2["method"]["teacher"] == str(root / "stage1" / ckpt.BEST)
     assert stage2["data"]["split_dir"] == str(root / "splits" / "reliable")
 
+    # 4 labeled images, 12 unlabeled (6 reliable), batch 2: 2 steps per epoch, then 3, then 6.
+    assert [(p.epochs, p.steps_per_epoch) for p in planned] == [(4, 2), (2, 3), (2, 6)]
+    steps = [ckpt.load(Path(p.out_dir) / ckpt.LATEST)["iteration"] for p in planned]
+    assert steps == [p.epochs * p.steps_per_epoch for p in planned]
     selected = (root / "splits" / "reliable" / "unlabeled.txt").stat().st_mtime_ns
     again = train(cfg, progress=False)
     assert again.epochs_run == []  # every stage finished: nothing re-runs

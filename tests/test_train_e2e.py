@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.data import build_loaders
+from trainers.data import build_loaders, steps_per_epoch
 from trainers.datasets import DataError, resolve_split
-from trainers.dist import context
+from trainers.dist import DistContext, context
 from trainers.entry import evaluate_checkpoint, train_local
 from trainers.forward import Forwarder
 from trainers.methods import METHODS, build_method
@@ -31,6 +31,23 @@ def test_one_real_iteration_of_each_method(name, tiny_config):
     first = next(net.backbone.parameters())
     assert first.grad is not None and first.grad.abs().sum() > 0
     assert net.classifier.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["supervised", "unimatch"])
+@pytest.mark.parametrize(("world_size", "batch_size"), [(1, 2), (1, 5), (2, 2), (3, 1)])
+def test_steps_per_epoch_is_what_the_real_loaders_yield(name, world_size, batch_size, tiny_config):
+    # The count the loop, the benchmarks and `semiseg grid --dry-run` use, against every rank's loaders
+    # (samplers take rank and world size without a process group). 4 labeled, 12 unlabeled images.
+    cfg = tiny_config(method={"name": name})
+    split, views = resolve_split(cfg.data), build_method(cfg.method, 255).views
+    steps = steps_per_epoch(len(split.labeled), len(split.unlabeled), world_size, batch_size)
+    for rank in range(world_size):
+        ctx = DistContext(rank, world_size, rank, torch.device("cpu"))
+        loaders = build_loaders(cfg, split, views, ctx, batch_size)
+        assert (
+            sum(1 for _ in loaders.epoch()) == steps == len(loaders.labeled) == 12 // world_size // batch_size
+        )
+    assert steps_per_epoch(4, 0, 1, 2) == 2 and steps_per_epoch(4, 12, 1, 2, cap=3) == 3
 
 
 def test_one_batch_is_memorised_by_the_real_step(tiny_config):

@@ -30,16 +30,22 @@ class Loaders:
             if loader is not None:
                 loader.sampler.set_epoch(epoch)
 
-    def iterations(self, cap: int | None) -> int:
-        """Steps in one epoch: one pass over the unlabeled set (labeled repeated to match)."""
-        n = len(self.labeled) if self.unlabeled is None else min(len(self.labeled), len(self.unlabeled))
-        return n if cap is None else min(n, cap)
-
     def epoch(self) -> Iterator[tuple]:
         """(labeled, unlabeled, mix) batches; None where the method needs no such batch."""
         streams = [self.labeled, self.unlabeled, self.mix]
         iterators = [iter(s) if s is not None else _nones() for s in streams]
         return zip(*iterators, strict=False)
+
+
+def steps_per_epoch(
+    num_labeled: int, num_unlabeled: int, world_size: int, batch_size: int, cap: int | None = None
+) -> int:
+    """Optimizer steps in one epoch of `build_loaders`' loaders: one pass over the unlabeled list (the
+    labeled one repeated to its length, for every method: UniMatch's protocol), or over the labeled list
+    when a split has no unlabeled one; sharded over the ranks and in whole batches, both dropping the rest;
+    at most `cap` (optim.max_iters_per_epoch)."""
+    steps = (num_unlabeled or num_labeled) // world_size // batch_size
+    return steps if cap is None else min(steps, cap)
 
 
 def _nones() -> Iterator[None]:

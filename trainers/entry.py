@@ -1,4 +1,5 @@
-"""What one process runs: train with automatic resume, or evaluate a checkpoint."""
+"""What one process runs: train with automatic resume, or evaluate a checkpoint; and what a training
+will run (`plan`), known before it starts."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from torch.utils.data import DataLoader
 
 from trainers import augment, resume
 from trainers.config import TrainConfig
+from trainers.data import steps_per_epoch
 from trainers.datasets import PairDataset, check_split_for_training, dataset_spec, resolve_split, voc_palette
+from trainers.errors import DataError
 from trainers.evaluate import EvalResult, evaluate, save_prediction
 from trainers.loop import FitResult, Reporter, fit
 from trainers.methods import method_class
 from trainers.network import load_network
+from trainers.optim import scale
 from trainers.stages import run_stages
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,42 @@ def train_local(
     """Train in this process, resuming from `<out_dir>/latest.pth` when it exists (see `resume.prepare`)."""
     state = resume.prepare(cfg, restart, force_resume)
     return train(cfg, report, state, progress, force_resume)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one training (a stage of a multi-stage method) will run, known before it starts."""
+
+    out_dir: str
+    epochs: int
+    steps_per_epoch: int | None
+    """None when the lists are not known yet: written by an earlier stage, or derived from the images."""
+    global_batch: int
+
+
+def plan(cfg: TrainConfig, world_size: int) -> list[StagePlan]:
+    """The trainings `train(cfg)` will run on `world_size` workers, with their step counts, read from the
+    split lists alone (the shipped ones for published datasets: no image is needed)."""
+    try:
+        stages = method_class(cfg.method).stages(cfg)
+    except DataError:  # a multi-stage method reads its lists to lay out the stages
+        stages = None
+    if stages is None:
+        return [_stage_plan(cfg, None, world_size)]
+    return [_stage_plan(stage.config, stage.images, world_size) for stage in stages]
+
+
+def _stage_plan(cfg: TrainConfig, images: tuple[int, int] | None, world_size: int) -> StagePlan:
+    scaling = scale(cfg.optim, world_size)
+    if images is None:
+        try:
+            split = resolve_split(cfg.data)
+            images = len(split.labeled), len(split.unlabeled)
+        except DataError:
+            return StagePlan(cfg.out_dir, cfg.optim.epochs, None, scaling.global_batch)
+    cap = cfg.optim.max_iters_per_epoch
+    steps = steps_per_epoch(*images, world_size, scaling.per_worker_batch, cap)
+    return StagePlan(cfg.out_dir, cfg.optim.epochs, steps, scaling.global_batch)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from trainers import checkpoint as ckpt
 from trainers import dist, fast
 from trainers.config import TrainConfig
-from trainers.data import Loaders, build_loaders
+from trainers.data import Loaders, build_loaders, steps_per_epoch
 from trainers.datasets import DatasetSpec, check_split_for_training, dataset_spec, resolve_split
 from trainers.dist import DistContext
 from trainers.errors import NonFiniteLossError
@@ -141,7 +141,13 @@ def assemble(cfg: TrainConfig) -> Run:
         loaders=loaders,
         scaling=scaling,
         switches=switches,
-        iters=loaders.iterations(cfg.optim.max_iters_per_epoch),
+        iters=steps_per_epoch(
+            len(split.labeled),
+            len(split.unlabeled),
+            ctx.world_size,
+            scaling.per_worker_batch,
+            cfg.optim.max_iters_per_epoch,
+        ),
     )
 
 

@@ -286,5 +286,32 @@ def plan(grid: Grid) -> str:
     ]
     for number, trial in enumerate(grid.trials, 1):
         lines.append(f"--- # trial {number}/{len(grid.trials)}: {trial.key}")
+        lines += [f"# {line}" for line in schedule(trial.config, grid.workers)]
         lines.append(yaml.safe_dump(trial.config.to_dict(), sort_keys=False).rstrip("\n"))
     return "\n".join(lines)
+
+
+def schedule(cfg: TrainConfig, workers: int) -> list[str]:
+    """A trial's trainings with their optimizer steps, one line each (several for a multi-stage method),
+    then the total. No time estimate: no GPU images/s has been measured for these models yet."""
+    from trainers.entry import plan
+
+    stages = plan(cfg, workers)
+    lines, total = [], 0
+    for number, stage in enumerate(stages, 1):
+        where = f"stage {number}: " if len(stages) > 1 else ""
+        if stage.steps_per_epoch is None:
+            lines.append(f"{where}{stage.epochs} epochs; steps per epoch known once its lists exist")
+            total = None
+            continue
+        steps = stage.epochs * stage.steps_per_epoch
+        total = None if total is None else total + steps
+        lines.append(
+            f"{where}{steps:,} steps ({stage.epochs} epochs x {stage.steps_per_epoch:,}, "
+            f"global batch {stage.global_batch})"
+        )
+    if len(stages) > 1:
+        lines.append(
+            f"total: {total:,} steps" if total is not None else "total: known once every stage's lists exist"
+        )
+    return lines

@@ -39,6 +39,9 @@ class Stage:
     """Rank-0 work that writes the stage's inputs (split lists) from the stages before it."""
     prepared: Path | None = None
     """The file `prepare` writes last: when it exists, a resumed run skips `prepare`; None: always run it."""
+    images: tuple[int, int] | None = None
+    """(labeled, unlabeled) list lengths when known before `prepare` writes the lists (for
+    `trainers.entry.plan`); None: read from the stage's lists."""
 
 
 class Method:

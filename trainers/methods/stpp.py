@@ -149,11 +149,17 @@ class STPP(Method):
 
         epochs = cfg.optim.epochs
         return [
-            Stage(supervised, tuple(keep), partial(write_split, splits / "supervised", split.labeled, [])),
+            Stage(
+                supervised,
+                tuple(keep),
+                partial(write_split, splits / "supervised", split.labeled, []),
+                images=(len(split.labeled), 0),
+            ),
             Stage(
                 stage_config(cfg, root / "stage2", splits / "reliable", stage1 / ckpt.BEST, epochs),
                 prepare=select_reliable,
                 prepared=splits / "reliable" / "unlabeled.txt",
+                images=(len(split.labeled), len(split.unlabeled) // 2),  # the more stable half
             ),
             Stage(stage_config(cfg, root / "stage3", None, root / "stage2" / ckpt.BEST, epochs)),
         ]
