@@ -54,6 +54,16 @@ def resumed_at(cfg: TrainConfig) -> int:
     raise AssertionError(f"no rank-0 'resumed at epoch' line in {RUN_LOG}")
 
 
+def worker_pid(cfg: TrainConfig, rank: int) -> int:
+    """The pid of the latest process to start as `rank`, from its log line."""
+    lines = (Path(cfg.out_dir) / RUN_LOG).read_text().splitlines()
+    pids = [
+        int(m.group(1)) for line in lines if (m := re.search(rf" rank {rank} of \d+ is pid (\d+) ", line))
+    ]
+    assert pids, f"no 'rank {rank} of N is pid P' line in {RUN_LOG}"
+    return pids[-1]
+
+
 def assert_resumed(before: list[int], after: list[int], epochs: int, start: int) -> None:
     """The rerun resumed from a checkpoint (not from scratch) no later than right after the last epoch rank
     0 logged, and trained every epoch from there to the end. It may redo logged epochs: rank 0 logs an
@@ -125,6 +135,31 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_cluster, tiny_config)
     before, after = split_at_fault(read_reports(cfg.out_dir), run["pid"])
     assert_resumed(before, after, epochs=6, start=resumed_at(cfg))
     assert result.metrics["epoch"] == 5.0
+    assert latest_ray_checkpoint(result.checkpoint.path)["epoch"] == 6
+    assert result.return_value["epochs_run"] == after
+
+
+def test_a_non_zero_rank_killed_mid_epoch_restarts_the_group_from_the_latest_checkpoint(
+    ray_cluster, tiny_config
+):
+    # The documented max_failures (2), rank 1 instead of rank 0, half-way through an epoch.
+    cfg = tiny_config(optim={"epochs": 6, "max_iters_per_epoch": 3})
+    run = {}
+
+    def kill_rank_1_mid_epoch() -> None:
+        reports = wait_for_report(cfg, epoch=2)
+        run["rank0"], run["rank1"] = reports[-1]["pid"], worker_pid(cfg, rank=1)
+        time.sleep(reports[-1]["epoch_time"] / 2)
+        os.kill(run["rank1"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_1_mid_epoch)
+    killer.start()
+    result = train_distributed(cfg, workers=2)
+    killer.join()
+
+    assert worker_pid(cfg, rank=1) != run["rank1"]  # a new worker group ran the rest
+    before, after = split_at_fault(read_reports(cfg.out_dir), run["rank0"])
+    assert_resumed(before, after, epochs=6, start=resumed_at(cfg))
     assert latest_ray_checkpoint(result.checkpoint.path)["epoch"] == 6
     assert result.return_value["epochs_run"] == after
 

@@ -214,8 +214,13 @@ def check_storage(storage: str) -> None:
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: the method's training, resumed from the run's checkpoint."""
     cfg, force = from_dict(TrainConfig, config["config"]), config.get("force_resume", False)
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     with capture_logs(Path(cfg.out_dir) / RUN_LOG, f"rank {rank}"):
+        # Which process is which rank, for whoever reads the log after a fault.
+        log.info(
+            "rank %d of %d is pid %d on %s", rank, context.get_world_size(), os.getpid(), socket.gethostname()
+        )
         result = train(
             cfg,
             report=ray_reporter(Path(cfg.out_dir)),
