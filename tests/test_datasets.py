@@ -368,3 +368,17 @@ def test_repeat_to_matches_unimatch():
     assert [p.image for p in repeat_to(pairs, 2)] == ["0", "1"]
     with pytest.raises(DataError):
         repeat_to([], 3)
+
+
+def test_a_bad_file_error_survives_pickling():
+    # Ray sends a worker's error to the driver pickled; BadFile's args hold only the joined message.
+    import pickle
+
+    from trainers.datasets import BadFile
+
+    error = pickle.loads(pickle.dumps(BadFile("/data/x.jpg", "cannot decode: truncated")))
+    assert (str(error), error.path, error.reason) == (
+        "/data/x.jpg: cannot decode: truncated",
+        Path("/data/x.jpg"),
+        "cannot decode: truncated",
+    )

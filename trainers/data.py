@@ -84,8 +84,8 @@ def pipeline(device_augment: bool) -> Pipeline:
 def build_loaders(
     cfg: TrainConfig, split: SplitFiles, views: ViewSpec, ctx: DistContext, batch_size: int
 ) -> Loaders:
-    """Build the loaders of one process; samplers shard by rank and reshuffle per epoch."""
-    check_epoch(split, views, cfg.method.name, ctx.world_size, batch_size)
+    """Build the loaders of one process (`check_epoch` first: see trainers.loop.preflight); samplers
+    shard by rank and reshuffle per epoch."""
     root, crop = cfg.data.root, cfg.data.crop_size
     switches = fast.settings(cfg.fast, ctx.device)
     parts = pipeline(switches.device_augment)

@@ -62,6 +62,10 @@ class BadFile(DataError):
         self.path = Path(path)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        # Pickled whole (a Ray worker's error reaches the driver so): args hold the joined message only.
+        return BadFile, (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class DatasetSpec:

@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from trainers import checkpoint as ckpt
 from trainers import dist, fast
-from trainers.config import TrainConfig
-from trainers.data import Loaders, build_loaders, steps_per_epoch
-from trainers.datasets import DatasetSpec, check_split_for_training, dataset_spec, resolve_split
+from trainers.backbones import BACKBONES
+from trainers.config import TrainConfig, choice
+from trainers.data import Loaders, build_loaders, check_epoch, steps_per_epoch
+from trainers.datasets import DatasetSpec, SplitFiles, check_split_for_training, dataset_spec, resolve_split
 from trainers.dist import DistContext
 from trainers.errors import NonFiniteLossError
 from trainers.evaluate import EvalResult, evaluate
@@ -111,16 +112,36 @@ def fit(
     return FitResult(best, last, epochs_run, Path(cfg.out_dir))
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What `preflight` read while checking a config."""
+
+    spec: DatasetSpec
+    split: SplitFiles
+    method: Method
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> Checked:
+    """Every check of `cfg` short of building the network: the method and backbone names first (a typo
+    is one line before the data checks decode every labeled and val image), then the split lists and
+    their files, then that an epoch has a step. The launcher runs it before any worker starts."""
+    spec = dataset_spec(cfg.data)
+    method = build_method(cfg.method, spec.ignore_index)
+    choice("model.backbone", cfg.model.backbone, BACKBONES)
+    split = resolve_split(cfg.data)
+    check_split_for_training(cfg.data.root, split, spec.num_classes, spec.ignore_index)
+    batch = scale(cfg.optim, world_size).per_worker_batch
+    check_epoch(split, method.views, cfg.method.name, world_size, batch)
+    return Checked(spec, split, method)
+
+
 def assemble(cfg: TrainConfig) -> Run:
     """Check names and data, then build the method, network, optimizer and loaders of this process."""
     ctx = dist.context()
-    spec = dataset_spec(cfg.data)
     seed_everything(cfg.seed + ctx.rank)
-    # Names first: a typo is one line before the data checks decode every labeled and val image.
-    method = build_method(cfg.method, spec.ignore_index)
+    checked = preflight(cfg, ctx.world_size)
+    spec, split, method = checked.spec, checked.split, checked.method
     net = build_network(cfg)
-    split = resolve_split(cfg.data)
-    check_split_for_training(cfg.data.root, split, spec.num_classes, spec.ignore_index)
     switches = fast.settings(cfg.fast, ctx.device)
     net = fast.prepare_network(net.to(ctx.device), switches)
     forwarder = Forwarder(net)

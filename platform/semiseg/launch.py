@@ -34,13 +34,18 @@ from trainers import checkpoint as ckpt
 from trainers import resume
 from trainers.config import ConfigError, TrainConfig, from_dict
 from trainers.entry import train
-from trainers.errors import CheckpointError
-from trainers.loop import Reporter
+from trainers.errors import CheckpointError, DataError, NonFiniteLossError
+from trainers.loop import Reporter, preflight
+from trainers.network import build_network
 
 WORKER_CPUS = 0.99
 """CPUs each CPU worker asks for: a whole core each, less a sliver for a Tune trial's driver function."""
 
 log = logging.getLogger(__name__)
+
+BAD_INPUT = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+"""Errors met in the workers that name a bad input (a file only decoded mid-epoch) or a diverged run:
+raised to the caller as they are (`semiseg train`: one line, exit 2), not as Ray's WorkerGroupError."""
 
 REPORTS = "ray_reports.jsonl"
 """Rank 0 appends each epoch's metrics and its pid/node once reported, across restarts: what a fault cost."""
@@ -78,8 +83,10 @@ def train_distributed(
     if "://" not in storage:
         storage = str(Path(storage).resolve())  # Ray reads a relative path as a URI without a scheme
     check_placement(workers, use_gpu, cpus_per_worker)
-    # Here, not in the workers: a refused resume is one error, not a failed worker group retried.
+    # Here, not in the workers: a refused resume or a bad file is one error, not a worker group retried.
     resume.prepare(cfg, restart, force_resume)
+    preflight(cfg, workers)
+    build_network(cfg)  # loads model.pretrained: a weights file that does not fit fails here too
     check_storage(storage)
     trainer = InterruptibleTrainer(
         train_worker,
@@ -94,11 +101,28 @@ def train_distributed(
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        error = worker_error(exc)
+        if error is None:
+            raise
+        raise error from None
     if trainer.interrupted:
         # Ray aborted the run gracefully and fit() returned: to the caller it is still a Ctrl-C.
         raise KeyboardInterrupt
     return result
+
+
+def worker_error(exc: BaseException) -> Exception | None:
+    """Of a run whose workers failed, the lowest failed rank's own error when it is one of BAD_INPUT
+    (unwrapped from Ray's RayTaskError when Ray wrapped it)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures:
+        return None
+    first = failures[min(failures)]
+    cause = getattr(first, "cause", None) or first
+    return cause if isinstance(cause, BAD_INPUT) else None
 
 
 class InterruptibleTrainer(TorchTrainer):
