@@ -101,11 +101,24 @@ def run(
     # A resume is checked before anything is written: prepare() may generate data.
     state = _existing_state(grid, resume, force)
     prepare(grid)
-    state = state or _new_state(grid)
     ray_local.connect(address, quiet=not verbose)
+    check_store_reaches_every_node(grid)  # before a new grid's MLflow run and grid.json are written
+    state = state or _new_state(grid)
     trial_function = tune.with_parameters(run_trial, grid=grid, force=force, **state)
     trainable = tune.with_resources(trial_function, {"CPU": TRIAL_CPUS})
     return _outcome(grid, _tuner(grid, trainable, resume).fit(), state)
+
+
+def check_store_reaches_every_node(grid: Grid) -> None:
+    """Refuse a tracking URI that is a path on this node when the Ray cluster has other alive nodes, where
+    the trials may run (`tracking.local_store_refusal`)."""
+    import ray
+
+    from semiseg import tracking
+
+    refusal = tracking.local_store_refusal(grid.tracking_uri, sum(n["Alive"] for n in ray.nodes()))
+    if refusal is not None:
+        raise ConfigError(f"{grid.path}: {refusal}")
 
 
 def _tuner(grid: Grid, trainable: Any, resume: bool) -> Any:

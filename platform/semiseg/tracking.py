@@ -8,19 +8,24 @@ afterwards from this store alone.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
+from sqlalchemy.exc import SQLAlchemyError
 
 from semiseg import redact
 from trainers.config import flatten as config_flatten
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 AXIS_TAGS = ("dataset", "split", "seed", "method")
 """Child-run tags that place a trial in the table."""
@@ -102,11 +107,7 @@ def log_epoch(mlflow: MlflowClient, run_id: str, metrics: dict[str, Any]) -> Non
     """Log one epoch's numeric metrics at step = epoch."""
     step = int(metrics["epoch"])
     stamp = int(time.time() * 1000)
-    batch = [
-        Metric(k, float(v), stamp, step)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    ]
+    batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if _is_metric(v)]
     mlflow.log_batch(run_id, metrics=batch)
 
 
@@ -222,16 +223,113 @@ def fail(mlflow: MlflowClient, run_id: str, exc: BaseException) -> None:
         mlflow.set_tag(run_id, ERROR_TAG, reason)
         finish(mlflow, run_id, "FAILED")
     except Exception as store_error:
-        log.error("MLflow: cannot mark run %s FAILED (%s); it failed with %s", run_id, store_error, reason)
+        log.error(
+            "MLflow store %s cannot mark run %s FAILED (%s); it failed with %s",
+            redact.text(mlflow.tracking_uri),
+            run_id,
+            redact.text(_one_line(store_error)),
+            reason,
+        )
 
 
-def log_file(mlflow: MlflowClient, run_id: str, path: Path) -> None:
-    """Attach a log file to a run as an artifact; a store that refuses it is logged, not raised: a log
-    must not fail the trial it describes."""
+def attach(mlflow: MlflowClient, run_id: str, path: Path) -> None:
+    """Attach a file, or a folder's files, to a run as artifacts. A store that refuses them is a warning,
+    not an error: the files stay where they are, and a log or a plot must not fail the trial it shows."""
     try:
-        mlflow.log_artifact(run_id, str(path))
+        if path.is_dir():
+            mlflow.log_artifacts(run_id, str(path))
+        else:
+            mlflow.log_artifact(run_id, str(path))
     except Exception as exc:
-        log.warning("MLflow: cannot attach %s to run %s (%s)", path, run_id, _one_line(exc))
+        log.warning(
+            "MLflow store %s cannot take %s as artifacts of run %s (%s); the files stay there",
+            redact.text(mlflow.tracking_uri),
+            path,
+            run_id,
+            redact.text(_one_line(exc)),
+        )
+
+
+def report_histories(reports: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """`history` of every metric `log_epoch` logs, read from rank 0's ray_reports.jsonl lines instead of
+    the store (the last line of an epoch wins, as there)."""
+    last = {int(r["epoch"]): r for r in reports}
+    keys = {k for r in last.values() for k, v in r.items() if _is_metric(v)} - REPORT_CONTEXT
+    return {k: [(e, float(last[e][k])) for e in sorted(last) if _is_metric(last[e].get(k))] for k in keys}
+
+
+# --- A store that is unreachable or locked on the trial path (RELIABILITY.md) ----------------------------
+
+RETRY_ENV = "SEMISEG_MLFLOW_RETRY_S"
+RETRY_S = 120.0
+"""How long a trial keeps retrying a call it cannot go on without (its $SEMISEG_MLFLOW_RETRY_S overrides
+it): long enough for a restarted tracking server or a remounted share, short enough that a store that is
+gone fails the trial within minutes. MLflow's own retries (HTTP) and busy timeout (SQLite) come on top."""
+PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_ALREADY_EXISTS"})
+"""MLflow error codes of a request the store understood and refused: asking again cannot help."""
+
+
+class StoreUnavailableError(RuntimeError):
+    """The MLflow store stayed unreachable or locked through the retries of a call the trial needs."""
+
+
+def retry_s() -> float:
+    """The retry window of `with_store`: $SEMISEG_MLFLOW_RETRY_S, else RETRY_S."""
+    return float(os.environ.get(RETRY_ENV, RETRY_S))
+
+
+def with_store(uri: str, what: str, then: str, call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)`, retried with backoff while the store at `uri` fails, for up to `retry_s()` seconds; then
+    one StoreUnavailableError: the store (redacted), what could not be done (`what`), the store's last
+    error and what to do (`then`). A refusal the store means (PERMANENT) is raised at once, unchanged."""
+    window = retry_s()
+    deadline = time.monotonic() + window
+    delay, attempts = 0.5, 0
+    while True:
+        attempts += 1
+        try:
+            return call(*args)
+        # What a store that is gone raises: MLflow's errors (HTTP ones wrapped), the OSError of a local
+        # store's vanished path, SQLAlchemy's of a locked or unreadable SQLite file met while MLflow opens it.
+        except (MlflowException, OSError, SQLAlchemyError) as exc:
+            if getattr(exc, "error_code", None) in PERMANENT:
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailableError(
+                    f"MLflow store {redact.text(uri)} cannot {what} after {attempts} attempt(s) within "
+                    f"{window:.0f} s ({redact.text(_one_line(exc))}); {then}"
+                ) from exc
+            if attempts == 1:
+                log.warning(
+                    "MLflow store %s cannot %s (%s); retrying for up to %.0f s",
+                    redact.text(uri),
+                    what,
+                    redact.text(_one_line(exc)),
+                    window,
+                )
+        time.sleep(delay)
+        delay = min(2 * delay, 15.0)
+
+
+def local_store_refusal(uri: str, alive_nodes: int) -> str | None:
+    """Why a grid must not log to `uri` from a cluster of `alive_nodes` nodes, or None when it may.
+
+    A local path store (a sqlite: file, a file: or plain folder) is opened from the node each trial
+    function runs on: on another node that is another file, or one SQLite file shared over NFS, whose
+    locks do not hold across clients. A database or HTTP server store is one store for every node."""
+    if alive_nodes <= 1 or urlsplit(uri).scheme not in ("", "file", "sqlite"):
+        return None
+    return (
+        f"tracking URI {redact.text(uri)} is a path on this node, but the Ray cluster has {alive_nodes} "
+        "alive nodes and a trial may run on any of them (each would write its own store, or share one SQLite "
+        "file over NFS); log to an MLflow tracking server every node reaches instead: the one "
+        "`semiseg cluster mlflow` (cluster.yaml) starts on the head, `tracking_uri: http://<head_ip>:5000` "
+        "in the grid file or $MLFLOW_TRACKING_URI"
+    )
+
+
+def _is_metric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _one_line(exc: BaseException) -> str:
