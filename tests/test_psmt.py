@@ -101,6 +101,24 @@ def test_tvat_direction_raises_the_teachers_divergence_more_than_a_random_one():
     assert kl(r) > kl(random_r)
 
 
+def test_tvat_direction_under_bf16_autocast_is_the_fp32_direction():
+    # The GPU default runs training steps under bf16 autocast; the probe must not (see tvat_perturbation).
+    torch.manual_seed(0)
+    decoders = [nn.Conv2d(8, 3, 1).requires_grad_(False), nn.Conv2d(8, 3, 1).requires_grad_(False)]
+    features = torch.randn(2, 8, 6, 6)
+    directions = []
+    for bf16 in (False, True):
+        torch.manual_seed(1)  # the same random start
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            directions.append(tvat_perturbation(features, decoders, torch.Size([12, 12]), xi=1e-2, eps=1.0))
+    fp32, bf16 = directions
+    norms = bf16.flatten(1).norm(dim=1)
+    assert norms.min() > 0.9 and norms.tolist() == pytest.approx(
+        fp32.flatten(1).norm(dim=1).tolist(), rel=1e-3
+    )
+    assert torch.nn.functional.cosine_similarity(fp32.flatten(1), bf16.flatten(1)).min() >= 0.99
+
+
 def test_psmt_box_size_and_position():
     random.seed(0)
     for lam in (0.2, 0.5, 0.8):

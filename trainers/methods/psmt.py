@@ -72,20 +72,23 @@ def tvat_perturbation(
     """T-VAT: the direction (norm eps) of the features that most changes the teachers' ensemble.
 
     One power iteration from a random direction, KL(ensemble(f) ‖ ensemble(f + xi·d)) at input size.
-    `decoders` map fused features to stride-4 logits and run in eval mode.
+    `decoders` map fused features to stride-4 logits and run in eval mode. The probe runs in fp32 with
+    autocast off: under bf16 autocast a step of xi·d (each element far below bf16's resolution) is
+    rounded away and the "direction" is noise or zero. The result has the features' dtype.
     """
-    f = features.detach()
+    f = features.detach().float()
 
     def ensemble(x: torch.Tensor) -> torch.Tensor:
         return upsample(sum(decode(x) for decode in decoders) / len(decoders), size)
 
-    with torch.no_grad():
-        target = ensemble(f).softmax(dim=1)
-    d = l2_normalize(torch.rand_like(f) - 0.5).requires_grad_(True)
-    with torch.enable_grad():
-        distance = F.kl_div(ensemble(f + xi * d).log_softmax(dim=1), target, reduction="batchmean")
-        (grad,) = torch.autograd.grad(distance, d)
-    return eps * l2_normalize(grad)
+    with torch.autocast(f.device.type, enabled=False):
+        with torch.no_grad():
+            target = ensemble(f).softmax(dim=1)
+        d = l2_normalize(torch.rand_like(f) - 0.5).requires_grad_(True)
+        with torch.enable_grad():
+            distance = F.kl_div(ensemble(f + xi * d).log_softmax(dim=1), target, reduction="batchmean")
+            (grad,) = torch.autograd.grad(distance, d)
+    return (eps * l2_normalize(grad)).to(features.dtype)
 
 
 def psmt_box(height: int, width: int, lam: float) -> torch.Tensor:
