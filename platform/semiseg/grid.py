@@ -164,7 +164,9 @@ def _outcome(grid: Grid, results: Any, state: dict[str, str]) -> GridRun:
 
 def quiet_driver() -> None:
     """Keep MLflow's INFO lines (its store set-up) and Tune's banners off this process's console."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow configures it when imported
+    import mlflow  # noqa: F401  # configures its logger (level INFO) on first import: import it first
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     # Tune's default output engine prints an experiment banner even at verbose=0; the legacy one does not.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
