@@ -64,6 +64,11 @@ class StagePlan:
     """None when the lists are not known yet: written by an earlier stage, or derived from the images."""
     global_batch: int
 
+    @property
+    def steps(self) -> int | None:
+        """Optimizer steps of the whole training, when known."""
+        return None if self.steps_per_epoch is None else self.epochs * self.steps_per_epoch
+
 
 def plan(cfg: TrainConfig, world_size: int) -> list[StagePlan]:
     """The trainings `train(cfg)` will run on `world_size` workers, with their step counts, read from the

@@ -103,8 +103,9 @@ def fit(
         epochs_run.append(epoch)
         metrics = epoch_metrics(run, epoch, result, terms, best, train_time)
         metrics["epoch_time"] = time.perf_counter() - started
-        path = save_checkpoint(run, epoch, result.miou, best) if run.ctx.is_main else None
+        path = None
         if run.ctx.is_main:
+            path = save_checkpoint(run, epoch, result.miou, best)
             log.info("epoch %d: mIoU %.2f (best %.2f), loss %.4f", epoch, result.miou, best, metrics["loss"])
         if report is not None:
             report(metrics, path)

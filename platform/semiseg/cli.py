@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from trainers.config import ConfigError, TrainConfig, check_paths, load_config, merge, parse_override
-from trainers.errors import CheckpointError, DataError, NonFiniteLossError
+from trainers.errors import USER_ERRORS
 
 REPO = Path(__file__).resolve().parents[2]
 """The checkout this package was installed from (editable install), holding configs/ and experiments/."""
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -297,21 +297,21 @@ def schedule(cfg: TrainConfig, workers: int) -> list[str]:
     from trainers.entry import plan
 
     stages = plan(cfg, workers)
-    lines, total = [], 0
+    lines = []
     for number, stage in enumerate(stages, 1):
         where = f"stage {number}: " if len(stages) > 1 else ""
-        if stage.steps_per_epoch is None:
+        if stage.steps is None:
             lines.append(f"{where}{stage.epochs} epochs; steps per epoch known once its lists exist")
-            total = None
-            continue
-        steps = stage.epochs * stage.steps_per_epoch
-        total = None if total is None else total + steps
-        lines.append(
-            f"{where}{steps:,} steps ({stage.epochs} epochs x {stage.steps_per_epoch:,}, "
-            f"global batch {stage.global_batch})"
-        )
+        else:
+            lines.append(
+                f"{where}{stage.steps:,} steps ({stage.epochs} epochs x {stage.steps_per_epoch:,}, "
+                f"global batch {stage.global_batch})"
+            )
+    steps = [stage.steps for stage in stages]
     if len(stages) > 1:
         lines.append(
-            f"total: {total:,} steps" if total is not None else "total: known once every stage's lists exist"
+            f"total: {sum(steps):,} steps"
+            if None not in steps
+            else "total: known once every stage's lists exist"
         )
     return lines

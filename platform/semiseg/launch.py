@@ -34,7 +34,7 @@ from trainers import checkpoint as ckpt
 from trainers import resume
 from trainers.config import ConfigError, TrainConfig, from_dict
 from trainers.entry import train
-from trainers.errors import CheckpointError, DataError, NonFiniteLossError
+from trainers.errors import USER_ERRORS, CheckpointError
 from trainers.loop import Reporter, preflight
 from trainers.network import build_network
 
@@ -42,10 +42,6 @@ WORKER_CPUS = 0.99
 """CPUs each CPU worker asks for: a whole core each, less a sliver for a Tune trial's driver function."""
 
 log = logging.getLogger(__name__)
-
-BAD_INPUT = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
-"""Errors met in the workers that name a bad input (a file only decoded mid-epoch) or a diverged run:
-raised to the caller as they are (`semiseg train`: one line, exit 2), not as Ray's WorkerGroupError."""
 
 REPORTS = "ray_reports.jsonl"
 """Rank 0 appends each epoch's metrics and its pid/node once reported, across restarts: what a fault cost."""
@@ -115,14 +111,14 @@ def train_distributed(
 
 
 def worker_error(exc: BaseException) -> Exception | None:
-    """Of a run whose workers failed, the lowest failed rank's own error when it is one of BAD_INPUT
-    (unwrapped from Ray's RayTaskError when Ray wrapped it)."""
+    """Of a run whose workers failed, the lowest failed rank's own error when it is one of USER_ERRORS (a
+    file only decoded mid-epoch, a diverged run), unwrapped from Ray's RayTaskError when Ray wrapped it."""
     failures = getattr(exc, "worker_failures", None) or {}
     if not failures:
         return None
     first = failures[min(failures)]
     cause = getattr(first, "cause", None) or first
-    return cause if isinstance(cause, BAD_INPUT) else None
+    return cause if isinstance(cause, USER_ERRORS) else None
 
 
 class InterruptibleTrainer(TorchTrainer):
