@@ -84,11 +84,14 @@ def add_options(parser: argparse.ArgumentParser, seeds: str, name: str) -> None:
     add("--data-seed", type=int, default=0, help="seed of the generated data and its splits")
     add("--batch-size", type=int, default=None, help="labeled (and unlabeled) batch; None = the config's")
     add("--lr", type=float, default=DEFAULT_LR, help="backbone lr at the reference batch")
+    add("--optimizer", default=None, help="optim.optimizer (sgd | adamw); None = the config's")
     add("--conf-thresh", type=float, default=None, help="pseudo-label threshold; None = the config's")
     add("--max-iters", type=int, default=None, help="cap on iterations per epoch")
     add("--method-set", action="append", default=[], metavar="KEY=VALUE", help="a method.KEY for every run")
     add("--backbone", default=None, help="model.backbone; None = the config's")
     add("--dilations", default=None, help="ASPP rates as a,b,c; None = the config's")
+    add("--scale-range", default=None, help="data.scale_range as lo,hi; None = the config's")
+    add("--pretrained", default=None, help="model.pretrained: backbone weights (e.g. a run's best.pth)")
     add("--threads", type=int, default=1, help="torch CPU threads per run")
     add("--jobs", type=int, default=2, help="runs trained at the same time, each in its own process")
     add("--out", type=Path, default=REPO / "runs" / "bench" / name, help="data, runs and results.jsonl")
@@ -118,6 +121,8 @@ def run_config(args: argparse.Namespace, data: Path, spec: RunSpec) -> TrainConf
     optim: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "max_iters_per_epoch": args.max_iters}
     if args.batch_size is not None:
         optim["batch_size"] = args.batch_size
+    if args.optimizer is not None:
+        optim["optimizer"] = args.optimizer
     method: dict[str, Any] = {"name": spec.method}
     if args.conf_thresh is not None:
         method["conf_thresh"] = args.conf_thresh
@@ -129,10 +134,15 @@ def run_config(args: argparse.Namespace, data: Path, spec: RunSpec) -> TrainConf
         model["backbone"] = args.backbone
     if args.dilations is not None:
         model["dilations"] = [int(d) for d in args.dilations.split(",")]
+    if args.pretrained is not None:
+        model["pretrained"] = args.pretrained
+    data_options: dict[str, Any] = {"root": str(data), "split": spec.split, "crop_size": args.crop}
+    if args.scale_range is not None:
+        data_options["scale_range"] = [float(r) for r in args.scale_range.split(",")]
     overrides = {
         "model": model,
         # No loader workers: the run's CPU time is then its own process's, and runs do not compete.
-        "data": {"root": str(data), "split": spec.split, "crop_size": args.crop, "num_workers": 0},
+        "data": {**data_options, "num_workers": 0},
         "method": method,
         "optim": optim,
         "seed": spec.seed,
@@ -226,11 +236,14 @@ def describe(args: argparse.Namespace, specs: Sequence[RunSpec]) -> str:
             f"- data: synthetic, {args.num_train} train / {args.num_val} val images of {args.size} px, "
             f"{args.classes} classes (incl. background), data seed {args.data_seed}, "
             f"generator {args.generator}",
-            f"- model: {cfg.model.backbone} backbone (DeepLabV3+), from scratch",
+            f"- model: {cfg.model.backbone} backbone (DeepLabV3+), ASPP {list(cfg.model.dilations)}, "
+            + (f"backbone from {cfg.model.pretrained}" if cfg.model.pretrained else "from scratch"),
             f"- schedule: {o.epochs} epochs, batch {o.batch_size} labeled (+ {o.batch_size} unlabeled for "
             f"the semi-supervised methods), "
-            f"crop {cfg.data.crop_size}, max iters/epoch {o.max_iters_per_epoch}",
-            f"- optimizer: SGD lr {o.lr} (head x{o.lr_multi}, reference batch {o.reference_global_batch}), "
+            f"crop {cfg.data.crop_size}, rescale {list(cfg.data.scale_range)}, "
+            f"max iters/epoch {o.max_iters_per_epoch}",
+            f"- optimizer: {o.optimizer} lr {o.lr} (head x{o.lr_multi}, "
+            f"reference batch {o.reference_global_batch}), "
             f"momentum {o.momentum}, wd {o.weight_decay}, poly {o.poly_power}",
             f"- method: conf_thresh {m.conf_thresh}, criterion {m.criterion}"
             + "".join(f", {setting}" for setting in args.method_set),

@@ -1,4 +1,5 @@
-"""Load ImageNet backbone weights from UniMatch's published files or torchvision's state dicts.
+"""Load backbone weights: UniMatch's published ImageNet files, torchvision's state dicts, or this
+platform's own (a `tiny`/`small` backbone trained here, e.g. `pretrained/small-shapes.pth`).
 
 Files are read with `weights_only=True`: a file that needs unpickling arbitrary objects is refused.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMATS = ("auto", "unimatch", "torchvision")
+FORMATS = ("auto", "unimatch", "torchvision", "semiseg")
 # Keys a backbone never has: the ImageNet classifier, BatchNorm counters, and the extra entries
 # UniMatch filters out of xception.pth (names containing "itr" or "tmp").
 IGNORED = re.compile(r"(^fc\.|num_batches_tracked$|itr|tmp)")
@@ -40,7 +41,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, fmt: str = "aut
     if fmt not in FORMATS:
         raise WeightsError(f"{path}: format {fmt!r}: expected one of {FORMATS}")
     state = backbone_state(read_state_dict(path), path)
-    found = detect_format(state, path)
+    found = "semiseg" if own_keys(backbone, state) and not published(state) else detect_format(state, path)
     if fmt != "auto" and fmt != found:
         raise WeightsError(f"{path}: asked for {fmt} format, but the keys are in {found} format")
     check_stem(backbone, found, path)
@@ -83,6 +84,18 @@ def backbone_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
     return state
 
 
+def own_keys(backbone: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """True when `state` has exactly the backbone's own keys: weights this platform trained (e.g. the
+    `backbone.*` of a `small` checkpoint), which need no format of their own."""
+    wanted = {k for k in backbone.state_dict() if not IGNORED.search(k)}
+    return wanted == {k for k in state if not IGNORED.search(k)}
+
+
+def published(state: dict[str, torch.Tensor]) -> bool:
+    """Keys of a UniMatch or torchvision file (a deep or 7x7 stem, or Xception's block1)."""
+    return "conv1.0.weight" in state or "conv1.weight" in state or any(k.startswith("block1.") for k in state)
+
+
 def detect_format(state: dict[str, torch.Tensor], path: str | Path) -> str:
     """unimatch: deep stem `conv1.0.weight` or Xception `block1.*`; torchvision: 7x7 `conv1.weight`."""
     if "conv1.0.weight" in state or any(k.startswith("block1.") for k in state):
@@ -92,7 +105,8 @@ def detect_format(state: dict[str, torch.Tensor], path: str | Path) -> str:
         return "torchvision"
     raise WeightsError(
         f"{path}: unknown weights format: neither a deep stem (conv1.0.weight), an Xception "
-        f"(block1.*) nor a torchvision 7x7 stem (conv1.weight); first keys: {list(state)[:LISTED]}"
+        f"(block1.*), a torchvision 7x7 stem (conv1.weight) nor exactly the keys of this backbone "
+        f"(weights trained here); first keys: {list(state)[:LISTED]}"
     )
 
 
@@ -104,6 +118,8 @@ def check_stem(backbone: nn.Module, fmt: str, path: str | Path) -> None:
             f"{path}: torchvision-format weights (single 7x7 stem conv1.weight) do not fit this "
             f"deep-stem ResNet (conv1.0.weight); use the backbone resnet50_tv or resnet101_tv"
         )
+    if fmt == "semiseg":
+        return
     if fmt == "unimatch" and "conv1.0.weight" not in keys and "block1.skip.weight" not in keys:
         raise WeightsError(
             f"{path}: UniMatch-format weights (deep stem conv1.0.weight or Xception block1.*) do not "

@@ -337,3 +337,25 @@ def test_collate_unlabeled_shapes(cutout_view):
         assert batch.cutout_view.shape == (2, 3, 33, 33)
     else:
         assert batch.cutout_view is None
+
+
+@pytest.mark.parametrize("decoded", ["pil", "tensor"])
+def test_scale_range_one_keeps_the_pixels(decoded):
+    """data.scale_range [1, 1]: no rescale, so every crop is a window of the original pixels (or its
+    mirror), on both decoders' geometry."""
+    random.seed(3)
+    ids = torch.arange(40 * 50).reshape(40, 50)
+    image = torch.stack([ids % 256, ids // 256, torch.zeros_like(ids)]).to(torch.uint8)
+    mask = (ids % 7).to(torch.uint8)
+    for _ in range(10):
+        if decoded == "pil":
+            pil = Image.fromarray(image.permute(1, 2, 0).numpy()), Image.fromarray(mask.numpy(), mode="L")
+            out, out_mask = augment.crop_pair(*pil, 33, augment.IGNORE, (1.0, 1.0))
+        else:
+            out, out_mask = augment.crop_pair(image, mask, 33, augment.IGNORE, (1.0, 1.0))
+        found = out[0].long() + 256 * out[1].long()
+        if found[0, 0] > found[0, 1]:
+            found, out_mask = found.flip(-1), out_mask.flip(-1)
+        top, left = divmod(int(found[0, 0]), 50)
+        assert torch.equal(found, ids[top : top + 33, left : left + 33])
+        assert torch.equal(out_mask, mask[top : top + 33, left : left + 33].long())

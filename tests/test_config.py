@@ -41,6 +41,8 @@ def test_ints_become_floats_and_overrides_merge(tmp_path):
         ("method:\n  criterion: focal\n", "method.criterion: expected one of"),
         ("method:\n  conf_thresh: 1.5\n", "method.conf_thresh"),
         ("data:\n  eval_mode: whole\n", "data.eval_mode"),
+        ("data:\n  scale_range: [2.0, 1.0]\n", "data.scale_range"),
+        ("data:\n  scale_range: [0.5]\n", "data.scale_range"),
         ("seed: true\n", "seed: expected int, got True"),
         ("seed: -1\n", "seed: expected an int in 0..2147483647, got -1"),
         ("log_interval: 0\n", "log_interval: expected > 0, got 0"),

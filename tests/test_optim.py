@@ -47,3 +47,25 @@ def test_backbone_and_head_groups():
     set_lr(opt, 0.002, 10.0)
     assert [g["lr"] for g in opt.param_groups] == [0.002, pytest.approx(0.02)]
     assert isinstance(opt, torch.optim.SGD)
+
+
+def test_adamw_keeps_the_groups_and_steps_like_torch_adamw():
+    """optim.optimizer: adamw gives the same two groups, and one step equals torch's AdamW on them."""
+    torch.manual_seed(0)
+    net, twin = Net(), Net()
+    twin.load_state_dict(net.state_dict())
+    cfg = OptimConfig(optimizer="adamw", lr=0.003, lr_multi=10.0, weight_decay=0.01)
+    opt = build_optimizer(net, cfg, lr=0.003)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["lr"] for g in opt.param_groups] == [0.003, pytest.approx(0.03)]
+    backbone = list(twin.backbone.parameters())
+    head = [p for n, p in twin.named_parameters() if not n.startswith("backbone.")]
+    reference = torch.optim.AdamW(
+        [{"params": backbone, "lr": 0.003}, {"params": head, "lr": 0.03}], weight_decay=0.01
+    )
+    x = torch.randn(4, 2)
+    for model, optimizer in ((net, opt), (twin, reference)):
+        model.classifier(model.backbone(x)).square().mean().backward()
+        optimizer.step()
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)

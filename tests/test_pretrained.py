@@ -7,6 +7,7 @@ import torchvision
 from pretrained import WeightsError, load_backbone_weights
 from pretrained.load import detect_format
 from trainers.backbones import BACKBONES
+from trainers.model import DeepLabV3Plus
 
 
 def randomized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,7 +152,7 @@ def test_unreadable_missing_and_non_tensor_files_are_refused(tmp_path, save):
     with pytest.raises(WeightsError, match="expected a dict of tensors, got list"):
         load_backbone_weights(BACKBONES["tiny"](), save([torch.zeros(1)]))
     with pytest.raises(WeightsError, match="unknown weights format"):
-        load_backbone_weights(BACKBONES["tiny"](), save(BACKBONES["tiny"]().state_dict()))
+        load_backbone_weights(BACKBONES["tiny"](), save(BACKBONES["small"]().state_dict()))
     with pytest.raises(WeightsError, match="format 'timm'"):
         load_backbone_weights(BACKBONES["tiny"](), garbage, fmt="timm")
 
@@ -161,3 +162,19 @@ def test_format_detection_by_stem():
     xception = {"conv1.weight": torch.zeros(32, 3, 3, 3), "block1.skip.weight": torch.zeros(1)}
     assert detect_format(xception, "f") == "unimatch"
     assert detect_format({"conv1.weight": torch.zeros(64, 3, 7, 7)}, "f") == "torchvision"
+
+
+def test_a_backbone_trained_here_loads_from_a_whole_checkpoint(tmp_path, save):
+    """The platform's own backbones (no published format) load from a segmentation checkpoint's
+    `backbone.*` tensors, under DDP's `module.` prefix too; the head is not read."""
+    trained = DeepLabV3Plus("small", 4, (1, 2, 3))
+    for p in trained.parameters():
+        torch.nn.init.normal_(p)
+    state = {f"module.{k}": v for k, v in trained.state_dict().items()}
+    fresh = BACKBONES["small"]()
+    report = load_backbone_weights(fresh, save({"model": state}))
+    assert report.fmt == "semiseg"
+    for key, value in trained.backbone.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with pytest.raises(WeightsError, match="asked for unimatch format, but the keys are in semiseg"):
+        load_backbone_weights(BACKBONES["small"](), save({"model": state}), fmt="unimatch")

@@ -29,6 +29,7 @@ IGNORE = 255
 UNLABELED_PAD = 254
 """Mask fill of unlabeled crops, so that padding can later be told apart (-> ignore mask)."""
 SCALE_RANGE = (0.5, 2.0)
+"""UniMatch's random rescale: the long side becomes U(0.5, 2.0) x itself (`data.scale_range`)."""
 BOX_AREA = (0.02, 0.4)
 BOX_ASPECT = (0.3, 1 / 0.3)
 JITTER_P, GRAYSCALE_P, BLUR_P, BOX_P, CUTOUT_P = 0.8, 0.2, 0.5, 0.5, 0.5
@@ -79,9 +80,15 @@ def hflip(image: Image.Image, mask: Image.Image, p: float = 0.5) -> Pair:
     return image, mask
 
 
-def geometry(image: Image.Image, mask: Image.Image, crop_size: int, mask_fill: int) -> Pair:
+def geometry(
+    image: Image.Image,
+    mask: Image.Image,
+    crop_size: int,
+    mask_fill: int,
+    scale_range: tuple[float, float] = SCALE_RANGE,
+) -> Pair:
     """The geometry shared by labeled and unlabeled samples: resize, crop, flip."""
-    image, mask = resize(image, mask)
+    image, mask = resize(image, mask, scale_range)
     image, mask = crop(image, mask, crop_size, mask_fill)
     return hflip(image, mask)
 
@@ -100,7 +107,11 @@ def _pil_nearest_index(length: int, new_length: int) -> torch.Tensor:
 
 
 def geometry_tensor(
-    image: torch.Tensor, mask: torch.Tensor | None, crop_size: int, mask_fill: int
+    image: torch.Tensor,
+    mask: torch.Tensor | None,
+    crop_size: int,
+    mask_fill: int,
+    scale_range: tuple[float, float] = SCALE_RANGE,
 ) -> TensorPair:
     """`geometry` on a uint8 (3, H, W) image and (H, W) mask (None = all zeros), with the same draws.
 
@@ -108,7 +119,7 @@ def geometry_tensor(
     computed inside the crop.
     """
     height, width = image.shape[-2:]
-    new_height, new_width = _scaled_size(height, width)
+    new_height, new_width = _scaled_size(height, width, scale_range)
     image = TF.resize(image, [new_height, new_width], antialias=True)
     x = random.randint(0, max(new_width, crop_size) - crop_size)
     y = random.randint(0, max(new_height, crop_size) - crop_size)
@@ -128,13 +139,17 @@ def geometry_tensor(
 
 
 def crop_pair(
-    image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor | None, crop_size: int, mask_fill: int
+    image: Image.Image | torch.Tensor,
+    mask: Image.Image | torch.Tensor | None,
+    crop_size: int,
+    mask_fill: int,
+    scale_range: tuple[float, float] = SCALE_RANGE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Geometry of either decoder's output -> uint8 (3, crop, crop) image and int64 (crop, crop) mask."""
     if isinstance(image, torch.Tensor):
-        image, mask = geometry_tensor(image, mask, crop_size, mask_fill)
+        image, mask = geometry_tensor(image, mask, crop_size, mask_fill, scale_range)
         return image, mask.long()
-    image, mask = geometry(image, mask, crop_size, mask_fill)
+    image, mask = geometry(image, mask, crop_size, mask_fill, scale_range)
     return image_to_tensor(image), mask_to_tensor(mask)
 
 
@@ -300,21 +315,25 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(mask)[0].long()
 
 
-def labeled_transform(crop_size: int) -> Callable[[Image.Image, Image.Image], dict]:
+def labeled_transform(
+    crop_size: int, scale_range: tuple[float, float] = SCALE_RANGE
+) -> Callable[[Image.Image, Image.Image], dict]:
     """Labeled sample -> {"image": normalized (3, crop, crop), "mask": int64 (crop, crop), 255 = ignore}."""
 
     def transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor) -> dict:
-        image, mask = crop_pair(image, mask, crop_size, IGNORE)
+        image, mask = crop_pair(image, mask, crop_size, IGNORE, scale_range)
         return {"image": normalize(to_unit(image)), "mask": mask}
 
     return transform
 
 
-def unlabeled_transform(crop_size: int, views: ViewSpec) -> Callable[[Image.Image, Image.Image], dict]:
+def unlabeled_transform(
+    crop_size: int, views: ViewSpec, scale_range: tuple[float, float] = SCALE_RANGE
+) -> Callable[[Image.Image, Image.Image], dict]:
     """Unlabeled sample -> the weak view, the strong views and boxes `views` asks for, the ignore mask."""
 
     def transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor | None) -> dict:
-        base, mask = crop_pair(image, mask, crop_size, UNLABELED_PAD)
+        base, mask = crop_pair(image, mask, crop_size, UNLABELED_PAD, scale_range)
         strong, boxes = [], []
         for _ in range(views.strong_views):
             params = draw_photometric(crop_size, crop_size, cutout=views.cutout)

@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 EVAL_MODES = ("original", "center_crop", "sliding_window")
 CRITERIA = ("ce", "ohem")
 LR_SCALING = ("keep_global_batch", "linear")
+OPTIMIZERS = ("sgd", "adamw")
 DECODERS = ("pil", "torchvision")
 MAX_SEED = 2**31 - 1
 """NumPy takes seeds below 2**32; the headroom covers the per-rank and per-epoch offsets added to it."""
@@ -46,6 +47,9 @@ class DataConfig:
     num_classes: int | None = None
     """Overrides the dataset's class count (synthetic datasets choose theirs)."""
     crop_size: int = 321
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """Random rescale before the crop: the long side becomes U(lo, hi) x itself (UniMatch's 0.5-2.0).
+    [1.0, 1.0] keeps the size, for data whose generator already varies the scale (configs/synthetic.yaml)."""
     eval_mode: str | None = None
     """original | center_crop | sliding_window; default: the dataset's."""
     num_workers: int = 2
@@ -65,6 +69,11 @@ class DataConfig:
             )
         if self.num_classes is not None:
             _positive(self, "num_classes", "data")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ConfigError(
+                f"data.scale_range: expected [low, high] with 0 < low <= high, got {list(self.scale_range)}"
+            )
         if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
             raise ConfigError(f"data.eval_mode: expected one of {EVAL_MODES}, got {self.eval_mode!r}")
 
@@ -108,6 +117,9 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    optimizer: str = "sgd"
+    """sgd (every paper's, with `momentum`) | adamw (decoupled `weight_decay`; `momentum` unused): the CPU
+    recipe of the synthetic task uses adamw, which learns its shapes in half the steps SGD needs."""
     epochs: int = 200
     batch_size: int = 2
     """Images per worker per step, labeled and unlabeled each."""
@@ -130,6 +142,8 @@ class OptimConfig:
             _positive(self, key, "optim")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr: expected > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optim.optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr_scaling not in LR_SCALING:
             raise ConfigError(f"optim.lr_scaling: expected one of {LR_SCALING}, got {self.lr_scaling!r}")
         if self.max_iters_per_epoch is not None:

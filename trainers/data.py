@@ -106,12 +106,15 @@ def build_loaders(
 
     n = len(split.unlabeled) if split.unlabeled else len(split.labeled)
     labeled = PairDataset(
-        root, repeat_to(split.labeled, n), parts.labeled_transform(crop), decode=switches.decode
+        root,
+        repeat_to(split.labeled, n),
+        parts.labeled_transform(crop, cfg.data.scale_range),
+        decode=switches.decode,
     )
     unlabeled_loader = mix_loader = None
     if views.strong_views:
         # Unlabeled masks are never read (UniMatch does the same): only the padding matters.
-        transform = parts.unlabeled_transform(crop, views)
+        transform = parts.unlabeled_transform(crop, views, cfg.data.scale_range)
         unlabeled = PairDataset(root, split.unlabeled, transform, with_masks=False, decode=switches.decode)
         unlabeled_loader = loader(unlabeled, cfg.seed, parts.collate_unlabeled)
         if views.mix_batch:

@@ -311,22 +311,26 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch.finish() if isinstance(batch, (RawLabeledBatch, RawUnlabeledBatch)) else batch
 
 
-def raw_labeled_transform(crop_size: int) -> Callable[[Any, Any], dict]:
+def raw_labeled_transform(
+    crop_size: int, scale_range: tuple[float, float] = augment.SCALE_RANGE
+) -> Callable[[Any, Any], dict]:
     """Labeled sample -> uint8 crop and mask (normalized on the device)."""
 
     def transform(image: Any, mask: Any) -> dict:
-        image, mask = augment.crop_pair(image, mask, crop_size, IGNORE)
+        image, mask = augment.crop_pair(image, mask, crop_size, IGNORE, scale_range)
         return {"image": image, "mask": mask.to(torch.uint8)}
 
     return transform
 
 
-def raw_unlabeled_transform(crop_size: int, views: ViewSpec) -> Callable[[Any, Any], dict]:
+def raw_unlabeled_transform(
+    crop_size: int, views: ViewSpec, scale_range: tuple[float, float] = augment.SCALE_RANGE
+) -> Callable[[Any, Any], dict]:
     """Unlabeled sample -> uint8 crop, padding mask, and the views' parameters, drawn in the same order
     as `augment.unlabeled_transform` draws them."""
 
     def transform(image: Any, mask: Any) -> dict:
-        base, mask = augment.crop_pair(image, mask, crop_size, UNLABELED_PAD)
+        base, mask = augment.crop_pair(image, mask, crop_size, UNLABELED_PAD, scale_range)
         strong, boxes = [], []
         for _ in range(views.strong_views):
             strong.append(augment.draw_photometric(crop_size, crop_size, cutout=views.cutout))

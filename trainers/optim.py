@@ -1,4 +1,4 @@
-"""SGD with backbone/head learning rates, the poly schedule, and the batch/LR scaling rule."""
+"""SGD (or AdamW) with backbone/head learning rates, the poly schedule, and the batch/LR scaling rule."""
 
 from __future__ import annotations
 
@@ -39,13 +39,15 @@ def scale(cfg: OptimConfig, world_size: int) -> Scaling:
 
 def build_optimizer(
     net: nn.Module, cfg: OptimConfig, lr: float, foreach: bool | None = None, extra: nn.Module | None = None
-) -> torch.optim.SGD:
-    """SGD: backbone parameters at `lr`; everything else, and a method's `extra` modules (a projection
-    head), at `lr * lr_multi` (group 1)."""
+) -> torch.optim.Optimizer:
+    """`cfg.optimizer` (SGD, the papers'; or AdamW): backbone parameters at `lr`; everything else, and a
+    method's `extra` modules (a projection head), at `lr * lr_multi` (group 1)."""
     backbone = [p for n, p in net.named_parameters() if n.startswith("backbone.")]
     head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
     head += [] if extra is None else list(extra.parameters())
     groups = [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * cfg.lr_multi}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, foreach=foreach)
     return torch.optim.SGD(
         groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=foreach
     )
