@@ -1,4 +1,4 @@
-"""A second, independently written generator of the same kind as `trainers.synth` (task version 2).
+"""A second, independently written generator of the same kind as `trainers.synth` (task versions 2 and 3).
 
 Same rule — a class is a shape; colour, texture, scale, rotation, clutter and occlusion are drawn
 independently of it — but nothing else is shared: shapes are PIL polygons (jittered vertices, not

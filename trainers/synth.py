@@ -1,6 +1,6 @@
 """A synthetic segmentation dataset in Pascal VOC's layout: the platform's embedded default.
 
-Design rule (format version 2): **the generator's invariances match the augmentations'.** The
+Design rule (format versions 2 and 3): **the generator's invariances match the augmentations'.** The
 semi-supervised methods assume a strong view (colour jitter, grayscale, blur, CutMix) keeps the label,
 so a class here is defined only by what those views preserve, the object's *shape*. Each object's
 colours, texture, scale, rotation and position are drawn independently of its class, and the mask is
@@ -10,6 +10,8 @@ are occluded by each other and by background blobs; whatever is not a class shap
 Every object keeps a luminance contrast with the background under it, so its silhouette survives
 grayscale and blur. Masks mark a thin ignore band (255) along object borders, like VOC's.
 Version 1 tied a texture to each class: the strong views' blur erased the one cue that named it.
+Version 3 (this one) keeps version 2's rule and makes background blobs ovals: version 2's blobs had
+third and fourth harmonics, i.e. rounded triangles and squares, which blur makes look like a class.
 """
 
 from __future__ import annotations
