@@ -1,5 +1,5 @@
 """Load backbone weights: UniMatch's published ImageNet files, torchvision's state dicts, or this
-platform's own (a `tiny`/`small` backbone trained here, e.g. `pretrained/small-shapes.pth`).
+platform's own (a `tiny`/`small` backbone trained here, e.g. the `backbone.*` of a run's best.pth).
 
 Files are read with `weights_only=True`: a file that needs unpickling arbitrary objects is refused.
 """
@@ -41,7 +41,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, fmt: str = "aut
     if fmt not in FORMATS:
         raise WeightsError(f"{path}: format {fmt!r}: expected one of {FORMATS}")
     state = backbone_state(read_state_dict(path), path)
-    found = "semiseg" if own_keys(backbone, state) and not published(state) else detect_format(state, path)
+    found = find_format(backbone, state, path)
     if fmt != "auto" and fmt != found:
         raise WeightsError(f"{path}: asked for {fmt} format, but the keys are in {found} format")
     check_stem(backbone, found, path)
@@ -91,9 +91,15 @@ def own_keys(backbone: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return wanted == {k for k in state if not IGNORED.search(k)}
 
 
-def published(state: dict[str, torch.Tensor]) -> bool:
-    """Keys of a UniMatch or torchvision file (a deep or 7x7 stem, or Xception's block1)."""
-    return "conv1.0.weight" in state or "conv1.weight" in state or any(k.startswith("block1.") for k in state)
+def find_format(backbone: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> str:
+    """A published format when the keys show one (`detect_format`); else `semiseg` when they are
+    exactly this backbone's own."""
+    try:
+        return detect_format(state, path)
+    except WeightsError:
+        if own_keys(backbone, state):
+            return "semiseg"
+        raise
 
 
 def detect_format(state: dict[str, torch.Tensor], path: str | Path) -> str:

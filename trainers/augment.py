@@ -22,14 +22,13 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
+from trainers.config import SCALE_RANGE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE = 255
 UNLABELED_PAD = 254
 """Mask fill of unlabeled crops, so that padding can later be told apart (-> ignore mask)."""
-SCALE_RANGE = (0.5, 2.0)
-"""UniMatch's random rescale: the long side becomes U(0.5, 2.0) x itself (`data.scale_range`)."""
 BOX_AREA = (0.02, 0.4)
 BOX_ASPECT = (0.3, 1 / 0.3)
 JITTER_P, GRAYSCALE_P, BLUR_P, BOX_P, CUTOUT_P = 0.8, 0.2, 0.5, 0.5, 0.5

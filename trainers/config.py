@@ -25,6 +25,8 @@ EVAL_MODES = ("original", "center_crop", "sliding_window")
 CRITERIA = ("ce", "ohem")
 LR_SCALING = ("keep_global_batch", "linear")
 OPTIMIZERS = ("sgd", "adamw")
+SCALE_RANGE = (0.5, 2.0)
+"""UniMatch's random rescale: the long side becomes U(0.5, 2.0) x itself (`data.scale_range`)."""
 DECODERS = ("pil", "torchvision")
 MAX_SEED = 2**31 - 1
 """NumPy takes seeds below 2**32; the headroom covers the per-rank and per-epoch offsets added to it."""
@@ -47,7 +49,7 @@ class DataConfig:
     num_classes: int | None = None
     """Overrides the dataset's class count (synthetic datasets choose theirs)."""
     crop_size: int = 321
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    scale_range: tuple[float, float] = SCALE_RANGE
     """Random rescale before the crop: the long side becomes U(lo, hi) x itself (UniMatch's 0.5-2.0).
     [1.0, 1.0] keeps the size, for data whose generator already varies the scale (configs/synthetic.yaml)."""
     eval_mode: str | None = None
