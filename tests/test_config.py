@@ -1,12 +1,22 @@
 """Config loading: defaults, overrides, and one clear error per bad value."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from trainers.config import ConfigError, TrainConfig, check_paths, load_config, parse_override
+from trainers.config import (
+    ConfigError,
+    MethodConfig,
+    TrainConfig,
+    check_paths,
+    from_dict,
+    load_config,
+    parse_override,
+)
+from trainers.methods import METHODS, build_method
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +34,22 @@ def test_shipped_configs_load():
     city = load_config(REPO / "configs" / "cityscapes.yaml")
     assert (city.method.criterion, city.method.conf_thresh, city.optim.lr) == ("ohem", 0.0, 0.005)
     assert city.model.dilations == (6, 12, 18)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_section_round_trips_flat(name):
+    """`to_dict` writes the method's own keys beside the common ones, and loading that gives the config."""
+    cfg = TrainConfig(method=MethodConfig(name=name))
+    section = cfg.to_dict()["method"]
+    own = {f.name for f in dataclasses.fields(METHODS[name].settings_type)}
+    assert "settings" not in section and own <= set(section)
+    assert from_dict(TrainConfig, cfg.to_dict()) == cfg
+
+
+def test_a_method_key_reaches_the_method(tmp_path):
+    cfg = load_config(write(tmp_path, "method:\n  name: psmt\n  weight_u: 0.06\n  conf_thresh: 0.6\n"))
+    method = build_method(cfg.method, 255)
+    assert (method.conf_thresh, method.settings.weight_u, method.settings.ema_keep) == (0.6, 0.06, 0.996)
 
 
 def test_ints_become_floats_and_overrides_merge(tmp_path):
@@ -50,6 +76,14 @@ def test_ints_become_floats_and_overrides_merge(tmp_path):
         ("optim:\n  momentum: .inf\n", "optim.momentum: expected a finite number, got inf"),
         ("model:\n  dilations: [6, 12]\n", "model.dilations: expected a list of 3 values"),
         ("bogus: 1\n", "bogus: unknown key"),
+        ("method:\n  name: fixmatch\n  weight_u: 0.6\n", "method.weight_u: unknown key for method"),
+        ("method:\n  name: psmt\n  ema_keep: 1.5\n", "method.ema_keep: expected a value in [0.0, 1.0]"),
+        ("method:\n  name: psmt\n  assist_topk: 0\n", "method.assist_topk: expected >= 1, got 0"),
+        ("method:\n  name: u2pl\n  contrast:\n    high_rank: 2\n", "method.contrast.high_rank"),
+        ("method:\n  name: u2pl\n  contrast:\n    queries: 2\n", "method.contrast.queries: unknown key"),
+        ("method:\n  name: mspl\n  weight_aug: -0.1\n", "method.weight_aug: expected >= 0.0"),
+        ("method:\n  name: mspl\n  settings: {}\n", "method.settings: unknown key for method 'mspl'"),
+        ("method:\n  name: meanteacher\n", "method.name: expected one of"),
         ("optim: 3\n", "optim: expected a mapping"),
         ("- a\n- b\n", "expected a mapping at the top level"),
     ],

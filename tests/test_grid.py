@@ -3,6 +3,7 @@ and MLflow (end to end, and interrupted by a signal then resumed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -19,9 +20,11 @@ import pytest
 import yaml
 from semiseg import cli, launch, tables, tracking
 from semiseg.grid import load_grid
+from semiseg.trial import open_run
 
 from trainers.config import ConfigError, TrainConfig, from_dict
 from trainers.methods import METHODS
+from trainers.methods.psmt import PSMTSettings
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -76,12 +79,15 @@ def test_shipped_grids_load_and_expand(path):
 def test_pascal_grid_is_the_seed_table_with_its_hyperparameters():
     grid = load_grid(REPO / "experiments" / "pascal.yaml")
     assert grid.axes["method"] == ["supervised", "u2pl", "stpp", "psmt", "unimatch", "mspl"]
-    # Only PS-MT's own settings differ from the shared protocol, and only in its trials' method section.
+    # Only PS-MT's own settings differ from the shared protocol, and only in its trials' method section;
+    # its weight is the published one of each split.
     for trial in grid.trials:
-        psmt = trial.axes["method"] == "psmt"
-        assert (trial.config.method.conf_thresh, trial.config.method.weight_u) == (
-            (0.6, 0.6) if psmt else (0.95, None)
-        )
+        method = trial.config.method
+        if trial.axes["method"] == "psmt":
+            weight = 0.06 if trial.axes["split"] == "92" else 0.6
+            assert (method.conf_thresh, method.settings) == (0.6, PSMTSettings(weight_u=weight))
+        else:
+            assert (method.conf_thresh, method.settings) == (0.95, type(method.settings)())
         assert (trial.config.optim, trial.config.data.crop_size) == (grid.trials[0].config.optim, 321)
     assert grid.axes["split"] == ["92", "183", "366", "732", "1464"]
     cfg = grid.trials[0].config
@@ -96,6 +102,22 @@ def test_pascal_grid_is_the_seed_table_with_its_hyperparameters():
         10.0,
         0.95,
     )
+
+
+def test_a_per_split_setting_reaches_its_trials_and_mlflow_records_each(tmp_path):
+    """PS-MT's published weight differs by split (0.06 at 92 labels, 0.6 from 183): each trial's child run
+    in a real MLflow store holds its own split's value."""
+    grid = load_grid(REPO / "experiments" / "pascal.yaml")
+    grid = dataclasses.replace(grid, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow = tracking.client(grid.tracking_uri)
+    experiment = tracking.ensure_experiment(mlflow, grid.name)
+    parent = tracking.start_parent(mlflow, experiment, grid.name, {})
+    logged = {}
+    for trial in grid.trials:
+        if trial.axes["method"] == "psmt" and trial.axes["seed"] == 0:
+            run_id = open_run(grid, trial, experiment, parent)
+            logged[trial.axes["split"]] = mlflow.get_run(run_id).data.params["method.weight_u"]
+    assert logged == {"92": "0.06", "183": "0.6", "366": "0.6", "732": "0.6", "1464": "0.6"}
 
 
 def test_expansion_order_keys_and_configs(tmp_path):
@@ -240,6 +262,26 @@ BAD = [
         "settings renaming the method",
         {"method_settings": {"fixmatch": {"name": "mspl"}}},
         "method_settings.fixmatch.name: set by the method axis",
+    ),
+    (
+        "a key of another method",
+        {"method_settings": {"fixmatch": {"weight_u": 0.6}}},
+        "method_settings.fixmatch.weight_u: unknown key for method 'fixmatch'",
+    ),
+    (
+        "a method key in base that one method of the axis lacks",
+        {"base": {"method": {"weight_s": 0.5}}},
+        "base.method.weight_s: unknown key for method 'supervised'",
+    ),
+    (
+        "per-split settings for a split the grid does not run",
+        {"method_settings": {"fixmatch": {"by_split": {"1_8": {"weight_s": 0.5}}}}},
+        "method_settings.fixmatch.by_split.1_8: not a split of this grid (it runs ['1_4', '1_2'])",
+    ),
+    (
+        "per-split settings with a typo",
+        {"method_settings": {"fixmatch": {"by_split": {"1_4": {"weight_ss": 0.5}}}}},
+        "method_settings.fixmatch.by_split.1_4.weight_ss: unknown key for method 'fixmatch'",
     ),
 ]
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import MethodConfig
+from trainers.config import MethodConfig, from_dict
 from trainers.forward import Forwarder
 from trainers.methods import METHODS, build_method
 from trainers.methods.common import build_criterion, eval_predict
@@ -81,7 +81,7 @@ def batches(seed: int = 1, labeled_size: int = B):
 
 
 def run(name: str, model: Forwarder | None = None, seed: int = 0, **cfg):
-    method = build_method(MethodConfig(name=name, **cfg), IGNORE)
+    method = build_method(from_dict(MethodConfig, {"name": name, **cfg}), IGNORE)
     model = model or make_model()
     labeled, unlabeled, mix = batches()
     torch.manual_seed(seed)
@@ -129,19 +129,16 @@ def test_mask_ratio_and_masked_losses_follow_the_confidence_threshold(name):
 
 EXPECTED_WEIGHTS = {
     "supervised": {},
-    "fixmatch": {"weight_x": 1.0, "weight_s": 1.0, "divisor": 2.0},
-    "unimatch": {"weight_x": 1.0, "weight_s1": 0.25, "weight_s2": 0.25, "weight_fp": 0.5, "divisor": 2.0},
-    "mspl": {
-        **{"weight_x": 1.0, "weight_s1": 0.2, "weight_s2": 0.2, "weight_fp": 0.5},
-        **{"weight_aug": 0.1, "divisor": 2.0},
-    },
+    "fixmatch": {"weight_x": 1.0, "weight_s": 1.0},
+    "unimatch": {"weight_x": 1.0, "weight_s1": 0.25, "weight_s2": 0.25, "weight_fp": 0.5},
+    "mspl": {"weight_x": 1.0, "weight_s1": 0.2, "weight_s2": 0.2, "weight_fp": 0.5, "weight_aug": 0.1},
 }
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_default_loss_weights_are_the_published_ones(name):
     method = build_method(MethodConfig(name=name), IGNORE)
-    assert {k: getattr(method, k) for k in EXPECTED_WEIGHTS[name]} == EXPECTED_WEIGHTS[name]
+    assert {k: getattr(method.settings, k) for k in EXPECTED_WEIGHTS[name]} == EXPECTED_WEIGHTS[name]
 
 
 def published_total(name: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -215,13 +212,15 @@ def test_published_xfp_needs_equal_labeled_and_unlabeled_shapes():
     method = build_method(MethodConfig(name="mspl"), IGNORE)
     with pytest.raises(ValueError, match="xfp_same_image"):
         method.step(make_model(), *batches(labeled_size=1))
-    fixed = build_method(MethodConfig(name="mspl", xfp_same_image=True), IGNORE)
+    fixed = build_method(from_dict(MethodConfig, {"name": "mspl", "xfp_same_image": True}), IGNORE)
     assert torch.isfinite(fixed.step(make_model(), *batches(labeled_size=1)).loss)
 
 
 @pytest.mark.parametrize("normalized", [False, True])
 def test_mspl_views_carry_the_cutout_view_normalization_switch(normalized):
-    method = build_method(MethodConfig(name="mspl", cutout_view_normalized=normalized), IGNORE)
+    method = build_method(
+        from_dict(MethodConfig, {"name": "mspl", "cutout_view_normalized": normalized}), IGNORE
+    )
     assert method.views == ViewSpec(
         strong_views=2, cutout=True, cutout_view=True, cutout_view_normalized=normalized, mix_batch=True
     )
@@ -236,6 +235,14 @@ def test_views_of_the_other_methods():
         "fixmatch": ViewSpec(strong_views=1, mix_batch=True),
         "unimatch": ViewSpec(strong_views=2, mix_batch=True),
     }
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "unimatch", "mspl"])
+def test_the_independent_mix_switch_reaches_the_loader_through_the_views(name):
+    published = build_method(MethodConfig(name=name), IGNORE).views
+    switched = build_method(from_dict(MethodConfig, {"name": name, "independent_mix_batch": True}), IGNORE)
+    assert not published.independent_mix
+    assert switched.views == dataclasses.replace(published, independent_mix=True)
 
 
 def test_mspl_without_cutout_view_or_mix_batch_fails_clearly():

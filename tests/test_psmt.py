@@ -17,6 +17,7 @@ from trainers.methods.ema import Clock, EMATeacher
 from trainers.methods.projection import classify, fused
 from trainers.methods.psmt import (
     PSMT,
+    PSMTSettings,
     assisted,
     confidence_weighted_ce,
     cosine_rampup,
@@ -34,7 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(**kwargs) -> PSMT:
-    return PSMT(build_criterion(MethodConfig(criterion="ce"), IGNORE), 0.6, IGNORE, **kwargs)
+    settings = PSMTSettings(**kwargs)
+    return PSMT(build_criterion(MethodConfig(criterion="ce"), IGNORE), 0.6, IGNORE, settings)
 
 
 def test_cosine_rampup():
@@ -189,10 +191,11 @@ def test_pascal_config_has_the_published_settings():
     cfg = load_config(REPO / "configs" / "pascal_psmt.yaml")
     method = build_method(cfg.method, IGNORE)
     assert (cfg.data.crop_size, cfg.optim.epochs, cfg.optim.lr, cfg.optim.lr_multi) == (512, 85, 0.0025, 1.0)
-    assert (method.conf_thresh, method.weight_u, method.warmup_epochs, method.rampup_epochs) == (
+    s = method.settings
+    assert (method.conf_thresh, s.weight_u, s.warmup_epochs, s.rampup_epochs) == (
         0.6,
         0.06,
         5,
         12.0,
     )
-    assert (method.ema_keep, method.xi, method.eps, method.assist_topk) == (0.996, 1e-6, 2.0, 7)
+    assert (s.ema_keep, s.xi, s.eps, s.assist_topk) == (0.996, 1e-6, 2.0, 7)

@@ -11,14 +11,29 @@ import pytest
 
 from trainers import checkpoint as ckpt
 from trainers import resume
-from trainers.config import ConfigError, TrainConfig
+from trainers.config import ConfigError, MethodConfig, TrainConfig, from_dict
 from trainers.entry import train_local
 from trainers.errors import CheckpointError
+from trainers.methods.psmt import PSMTSettings
 
 
 def files(folder: Path) -> dict[str, bytes]:
     """Every file below `folder` by relative path, with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_differences_in_a_methods_own_keys_are_named_and_a_changed_method_lists_only_its_name():
+    psmt = TrainConfig(method=from_dict(MethodConfig, {"name": "psmt", "weight_u": 0.06}))
+    assert resume.differences(psmt.to_dict(), psmt) == []
+    other = replace(psmt, method=replace(psmt.method, settings=PSMTSettings(weight_u=0.6)))
+    assert resume.differences(psmt.to_dict(), other) == ["method.weight_u: checkpoint 0.06, config 0.6"]
+    fixmatch = replace(psmt, method=MethodConfig(name="fixmatch", conf_thresh=0.95))
+    expected = ["method.name: checkpoint 'psmt', config 'fixmatch'"]
+    assert resume.differences(psmt.to_dict(), fixmatch) == expected
+    # A checkpoint that predates a key of its method's settings counts it as that method's default.
+    saved = psmt.to_dict()
+    del saved["method"]["ema_keep"]
+    assert resume.differences(saved, psmt) == []
 
 
 def test_differences_name_dotted_keys_and_skip_what_may_change(tmp_path):

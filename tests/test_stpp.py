@@ -15,6 +15,7 @@ from trainers.methods import build_method
 from trainers.methods.common import build_criterion
 from trainers.methods.stpp import (
     STPP,
+    STPPSettings,
     snapshot_epochs,
     split_reliable,
     stability_score,
@@ -69,9 +70,8 @@ def test_a_retraining_step_learns_the_teachers_labels_on_the_strong_view(tmp_pat
     torch.manual_seed(0)
     teacher = DeepLabV3Plus("tiny", 3).eval()
     ckpt.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
-    method = STPP(
-        build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, str(tmp_path / "teacher.pth")
-    )
+    settings = STPPSettings(teacher=str(tmp_path / "teacher.pth"))
+    method = STPP(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, settings)
     assert method.views.strong_views == 1 and method.views.cutout
     net = DeepLabV3Plus("tiny", 3)
     method.setup(net)
@@ -138,4 +138,4 @@ def test_pascal_config_has_the_published_settings():
     cfg = load_config(REPO / "configs" / "pascal_stpp.yaml")
     method = build_method(cfg.method, IGNORE)
     assert (cfg.data.crop_size, cfg.optim.epochs, cfg.optim.lr, cfg.optim.batch_size) == (321, 80, 0.001, 8)
-    assert method.teacher_path is None and method.views.strong_views == 0
+    assert method.settings.teacher is None and method.views.strong_views == 0

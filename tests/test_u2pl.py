@@ -21,6 +21,7 @@ from trainers.methods.u2pl import (
     U2PL,
     Contrast,
     MemoryQueues,
+    U2PLSettings,
     contrastive_loss,
     entropy,
     entropy_partition,
@@ -150,7 +151,8 @@ def test_u2pl_box_covers_half_the_image():
 
 
 def test_teacher_copies_the_student_through_the_supervised_epoch_then_averages():
-    method = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, sup_only_epochs=1)
+    settings = U2PLSettings(sup_only_epochs=1)
+    method = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, settings)
     method.student = nn.ModuleDict({"net": nn.Linear(1, 1, bias=False)})
     method.teacher = EMATeacher(method.student)
     weight, teacher = method.student["net"].weight, method.teacher.net["net"].weight
@@ -181,7 +183,8 @@ def test_one_real_step_in_each_phase_reaches_backbone_head_and_representation():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     cfg = Contrast(num_queries=8, num_negatives=4)
-    method = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, rep_dim=8, contrast=cfg)
+    settings = U2PLSettings(rep_dim=8, contrast=cfg)
+    method = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, settings)
     net = DeepLabV3Plus("tiny", 3)
     head = method.setup(net)
     model = Forwarder(net).train()
@@ -200,7 +203,7 @@ def test_one_real_step_in_each_phase_reaches_backbone_head_and_representation():
     assert head[0].weight.grad.abs().sum() > 0 and method.queues is not None
 
     state = method.state_dict()
-    other = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, rep_dim=8, contrast=cfg)
+    other = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, settings)
     other.setup(DeepLabV3Plus("tiny", 3))
     other.load_state_dict(state)
     assert other.clock == method.clock
@@ -231,13 +234,14 @@ def test_pascal_config_has_the_published_settings():
         0.001,
         16,
     )
-    assert (method.ema_decay, method.drop_percent, method.alpha_0, method.sup_only_epochs) == (
+    s = method.settings
+    assert (s.ema_decay, s.drop_percent, s.alpha_0, s.sup_only_epochs) == (
         0.99,
         80.0,
         20.0,
         1,
     )
-    assert (method.contrast.num_queries, method.contrast.num_negatives, method.contrast.temperature) == (
+    assert (s.contrast.num_queries, s.contrast.num_negatives, s.contrast.temperature) == (
         256,
         50,
         0.5,

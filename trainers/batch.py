@@ -23,6 +23,8 @@ class ViewSpec:
     """False reproduces the published quirk: the cutout view is only scaled to [0, 1]."""
     mix_batch: bool = False
     """Needs the second unlabeled batch u' that supplies CutMix patches."""
+    independent_mix: bool = False
+    """False reproduces the published quirk: u' holds the same images as u, in the same order."""
 
 
 @dataclass

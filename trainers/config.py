@@ -62,7 +62,7 @@ class DataConfig:
     num_workers > 0: without workers there is nothing to wait for."""
 
     def __post_init__(self) -> None:
-        _positive(self, "crop_size", "data")
+        positive(self, "data", "crop_size")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected >= 0, got {self.num_workers}")
         if self.loader_timeout_s < 0:
@@ -70,7 +70,7 @@ class DataConfig:
                 f"data.loader_timeout_s: expected >= 0 (0 = no timeout), got {self.loader_timeout_s}"
             )
         if self.num_classes is not None:
-            _positive(self, "num_classes", "data")
+            positive(self, "data", "num_classes")
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ConfigError(
@@ -92,29 +92,86 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
+    """The `method:` section: the keys every method shares, and the named method's own settings.
+
+    In YAML the section is flat (`method: {name: psmt, conf_thresh: 0.6, weight_u: 0.06}`); the keys
+    below are common, every other key belongs to the method's settings dataclass (its `Settings`, see
+    trainers.methods), which checks them. `to_dict` writes the section flat again.
+    """
+
     name: str = "mspl"
     """supervised | fixmatch | unimatch | mspl | u2pl | stpp | psmt."""
     conf_thresh: float = 0.95
+    """Pseudo-label confidence threshold of the methods that threshold (fixmatch, unimatch, mspl, psmt)."""
     criterion: str = "ce"
     """Labeled loss: ce, or ohem (Cityscapes)."""
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 200_000
-    cutout_view_normalized: bool = False
-    """Corrects the quirk: ImageNet-normalize the cutout view like every other view."""
-    xfp_same_image: bool = False
-    """Corrects the quirk: loss_xfp compares the clean and perturbed predictions of one image."""
-    independent_mix_batch: bool = False
-    """Corrects the quirk: draw the CutMix source batch u' from an independent permutation."""
-    weight_u: float | None = None
-    """Weight of the unlabeled loss (u2pl, psmt); null = the method's published default."""
-    teacher: str | None = None
-    """stpp: checkpoint of the frozen teacher that pseudo-labels; null = the supervised first stage."""
+    settings: Any = None
+    """The method's own settings (an instance of its `Settings`); None = that method's defaults."""
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ConfigError(f"method.criterion: expected one of {CRITERIA}, got {self.criterion!r}")
         if not 0.0 <= self.conf_thresh <= 1.0:
             raise ConfigError(f"method.conf_thresh: expected a value in [0, 1], got {self.conf_thresh}")
+        expected = settings_type(self.name, "method.name")
+        if self.settings is None:
+            object.__setattr__(self, "settings", expected())
+        elif type(self.settings) is not expected:
+            raise ConfigError(
+                f"method: settings of method {self.name!r} must be {expected.__name__}, "
+                f"got {type(self.settings).__name__}"
+            )
+
+
+def settings_type(name: str, key: str) -> type:
+    """The settings dataclass of method `name` (one ConfigError under `key` when no method has that name)."""
+    from trainers.methods import METHODS  # the methods import this module
+
+    return choice(key, name, METHODS).settings_type
+
+
+def read_method(data: Any, where: str) -> MethodConfig:
+    """The flat `method:` section as a MethodConfig: common keys, then the named method's own keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    name = _coerce(str, data.get("name", MethodConfig.name), f"{where}.name")
+    own_type = settings_type(name, f"{where}.name")
+    common = {f.name for f in dataclasses.fields(MethodConfig)} - {"settings"}
+    own = {f.name for f in dataclasses.fields(own_type)}
+    unknown = sorted(set(data) - common - own)
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown key for method {name!r} (expected one of {sorted(common | own)})"
+        )
+    settings = _fields(own_type, {k: v for k, v in data.items() if k in own}, where)
+    head = _fields(MethodConfig, {k: v for k, v in data.items() if k in common}, where)
+    return dataclasses.replace(head, settings=settings)
+
+
+def positive(obj: Any, section: str, *keys: str) -> None:
+    """One ConfigError naming `section.key` for the first of `keys` whose value is not > 0."""
+    for key in keys:
+        value = getattr(obj, key)
+        if value <= 0:
+            raise ConfigError(f"{section}.{key}: expected > 0, got {value}")
+
+
+def at_least(obj: Any, section: str, low: float, *keys: str) -> None:
+    """One ConfigError naming `section.key` for the first of `keys` whose value is below `low`."""
+    for key in keys:
+        value = getattr(obj, key)
+        if value < low:
+            raise ConfigError(f"{section}.{key}: expected >= {low}, got {value}")
+
+
+def within(obj: Any, section: str, low: float, high: float, *keys: str) -> None:
+    """One ConfigError naming `section.key` for the first of `keys` whose value is outside [low, high]."""
+    for key in keys:
+        value = getattr(obj, key)
+        if not low <= value <= high:
+            raise ConfigError(f"{section}.{key}: expected a value in [{low}, {high}], got {value}")
 
 
 @dataclass(frozen=True)
@@ -141,7 +198,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "reference_global_batch"):
-            _positive(self, key, "optim")
+            positive(self, "optim", key)
         if self.lr <= 0:
             raise ConfigError(f"optim.lr: expected > 0, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
@@ -149,7 +206,7 @@ class OptimConfig:
         if self.lr_scaling not in LR_SCALING:
             raise ConfigError(f"optim.lr_scaling: expected one of {LR_SCALING}, got {self.lr_scaling!r}")
         if self.max_iters_per_epoch is not None:
-            _positive(self, "max_iters_per_epoch", "optim")
+            positive(self, "optim", "max_iters_per_epoch")
 
 
 @dataclass(frozen=True)
@@ -185,7 +242,7 @@ class DistConfig:
     torch's 30. Raise it when one rank may work alone for longer (a slow checkpoint store)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "timeout_s", "dist")
+        positive(self, "dist", "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -209,8 +266,12 @@ class TrainConfig:
             raise ConfigError(f"log_interval: expected > 0, got {self.log_interval}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as plain data (for checkpoints and tracking)."""
-        return _plain(dataclasses.asdict(self))
+        """The resolved config as plain data (for checkpoints and tracking), its `method:` section flat as
+        YAML writes it."""
+        data = _plain(dataclasses.asdict(self))
+        method = data["method"]
+        data["method"] = method | method.pop("settings")
+        return data
 
 
 def choice(key: str, value: str, known: Mapping[str, T]) -> T:
@@ -239,14 +300,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _positive(obj: Any, key: str, section: str) -> None:
-    value = getattr(obj, key)
-    if value <= 0:
-        raise ConfigError(f"{section}.{key}: expected > 0, got {value}")
-
-
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass `cls` from nested plain data, rejecting unknown keys and wrong types."""
+    if cls is MethodConfig:  # its keys depend on the method it names
+        return read_method(data, where or "method")
+    return _fields(cls, data, where)
+
+
+def _fields(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)

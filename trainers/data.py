@@ -121,7 +121,7 @@ def build_loaders(
             # The published loop zips the same loader twice: same sampler seed, so u' holds the
             # same images as u in the same order (only augmented anew). The switch draws u'
             # from an independent permutation instead.
-            mix_seed = cfg.seed + 1 if cfg.method.independent_mix_batch else cfg.seed
+            mix_seed = cfg.seed + 1 if views.independent_mix else cfg.seed
             mix_loader = loader(unlabeled, mix_seed, parts.collate_unlabeled)
     labeled_loader = loader(labeled, cfg.seed, parts.collate_labeled)
     return Loaders(labeled_loader, unlabeled_loader, mix_loader, val_loader(cfg, split, ctx, switches.decode))

@@ -6,6 +6,7 @@ any other difference is one ConfigError naming each dotted key, unless the user 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from trainers import checkpoint as ckpt
-from trainers.config import ConfigError, TrainConfig, flatten
+from trainers.config import ConfigError, MethodConfig, TrainConfig, flatten
 from trainers.errors import CheckpointError
+from trainers.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,22 @@ REPLACED = "replaced-"
 def differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """`key: checkpoint A, config B` for each dotted key whose value differs, MAY_CHANGE aside.
 
-    Keys a checkpoint predates count as their default; paths naming the same file are the same value.
+    Keys a checkpoint predates count as their default (the saved method's, whose keys are its own); paths
+    naming the same file are the same value. When the method itself changed, its own keys are not listed.
     """
-    before = flatten(TrainConfig().to_dict()) | flatten(saved)
-    changed = changed_keys(before, flatten(cfg.to_dict()), MAY_CHANGE)
+    name = saved.get("method", {}).get("name", MethodConfig.name)
+    defaults = TrainConfig(method=MethodConfig(name=name)) if name in METHODS else TrainConfig()
+    before, now = flatten(defaults.to_dict()) | flatten(saved), flatten(cfg.to_dict())
+    if name != cfg.method.name:
+        common = {f"method.{f.name}" for f in dataclasses.fields(MethodConfig)}
+        before, now = ({k: v for k, v in flat.items() if _not_own(k, common)} for flat in (before, now))
+    changed = changed_keys(before, now, MAY_CHANGE)
     return [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changed]
+
+
+def _not_own(key: str, common: set[str]) -> bool:
+    """Whether a flat key is outside the method's own settings (the `method.` keys that are not common)."""
+    return not key.startswith("method.") or key in common
 
 
 ABSENT = "<absent>"

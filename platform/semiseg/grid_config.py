@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainers.config import ConfigError, MethodConfig, TrainConfig, choice, from_dict, load_yaml, merge
+from trainers.config import (
+    ConfigError,
+    DataConfig,
+    MethodConfig,
+    TrainConfig,
+    choice,
+    from_dict,
+    load_yaml,
+    merge,
+)
 from trainers.synth import SynthOptions
 
 AXES = {
@@ -146,8 +155,8 @@ def read_file(data: dict[str, Any]) -> GridFile:
         typed = from_dict(GridFile, {k: v for k, v in given.items() if k not in MAPPINGS})
     except ValueError as exc:  # SynthOptions checks its ranges with plain ValueErrors
         raise ConfigError(exc if isinstance(exc, ConfigError) else f"synth.{exc}") from None
-    base = _base(given.get("base", {}))
     axes = _axes(given.get("axes"))
+    base = _base(given.get("base", {}), axes)
     settings = _method_settings(given.get("method_settings", {}), base, axes)
     return dataclasses.replace(typed, base=base, axes=axes, method_settings=settings)
 
@@ -171,9 +180,15 @@ def _build(path: Path, spec: GridFile) -> Grid:
     return dataclasses.replace(grid, trials=expand(grid))
 
 
-def _base(raw: Any) -> dict[str, Any]:
-    """`base:` checked as a TrainConfig, with its paths made absolute (see PATH_KEYS)."""
-    from_dict(TrainConfig, raw, "base")
+def _base(raw: Any, axes: dict[str, list[Any]]) -> dict[str, Any]:
+    """`base:` checked as a TrainConfig (under each method of the method axis, whose keys differ), with
+    its paths made absolute (see PATH_KEYS)."""
+    from trainers.methods import METHODS
+
+    for method in axes.get("method", [None]):
+        if method is not None:
+            choice("axes.method", method, METHODS)
+        from_dict(TrainConfig, raw if method is None else merge(raw, {"method": {"name": method}}), "base")
     if "out_dir" in raw:
         raise ConfigError("base.out_dir: set by the grid (each trial writes under storage/trials/)")
     out = raw
@@ -204,7 +219,8 @@ def _method_settings(raw: Any, base: dict[str, Any], axes: dict[str, list[Any]])
 
     if not isinstance(raw, dict):
         raise ConfigError(f"method_settings: expected a mapping, got {raw!r}")
-    runs = axes.get("method", [from_dict(TrainConfig, base, "base").method.name])
+    runs = axes.get("method", [base.get("method", {}).get("name", MethodConfig.name)])
+    splits = axes.get("split", [base.get("data", {}).get("split", DataConfig.split)])
     for method, settings in raw.items():
         key = f"method_settings.{method}"
         choice(key, method, METHODS)
@@ -212,10 +228,36 @@ def _method_settings(raw: Any, base: dict[str, Any], axes: dict[str, list[Any]])
             raise ConfigError(f"{key}: not a method of this grid (it runs {runs})")
         if not isinstance(settings, dict):
             raise ConfigError(f"{key}: expected a mapping of method keys, got {settings}")
-        if "name" in settings:
-            raise ConfigError(f"{key}.name: set by the method axis")
-        # Checked as their own section over the base's, so an error names method_settings, not base.
-        from_dict(MethodConfig, merge(base.get("method", {}), settings) | {"name": method}, key)
+        by_split = _by_split(settings.get(BY_SPLIT, {}), f"{key}.{BY_SPLIT}", splits)
+        for split, keys in {"": {}, **by_split}.items():
+            where = f"{key}.{BY_SPLIT}.{split}" if split else key
+            if "name" in keys or "name" in settings:
+                raise ConfigError(f"{where if 'name' in keys else key}.name: set by the method axis")
+            # Checked as their own section over the base's, so an error names method_settings, not base.
+            section = merge(merge(base.get("method", {}), own_keys(settings)), keys) | {"name": method}
+            from_dict(MethodConfig, section, where)
+    return raw
+
+
+BY_SPLIT = "by_split"
+"""Key of `method_settings.<method>` whose mapping, split name -> method keys, overrides the method's
+settings in that split's trials only (PS-MT's weight is 0.06 at 92 labels, 0.6 from 183)."""
+
+
+def own_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """A method's `method_settings` entry without its per-split overrides."""
+    return {k: v for k, v in settings.items() if k != BY_SPLIT}
+
+
+def _by_split(raw: Any, key: str, splits: list[str]) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping of split name -> method keys, got {raw!r}")
+    for split, keys in raw.items():
+        if split not in splits:
+            hint = " (quote it: YAML reads 92 as a number)" if not isinstance(split, str) else ""
+            raise ConfigError(f"{key}.{split}: not a split of this grid (it runs {splits}){hint}")
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{key}.{split}: expected a mapping of method keys, got {keys!r}")
     return raw
 
 
@@ -238,7 +280,9 @@ def _trial(grid: Grid, values: dict[str, Any], root: str) -> Trial:
     overrides = {"out_dir": str(grid.storage / "trials" / key)}
     for axis, value in values.items():
         overrides = merge(overrides, _nested(AXES[axis], value))
-    base = merge(grid.base, {"method": grid.method_settings.get(values["method"], {})})
+    settings = grid.method_settings.get(values["method"], {})
+    split_keys = settings.get(BY_SPLIT, {}).get(values["split"], {})
+    base = merge(grid.base, {"method": merge(own_keys(settings), split_keys)})
     return Trial(key, values, from_dict(TrainConfig, merge(base, overrides), "base"))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,11 +44,18 @@ class Stage:
     `trainers.entry.plan`); None: read from the stage's lists."""
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a method that has none beyond the common keys of `method:`."""
+
+
 class Method:
     """Base of every method. `views` and `step` are what a method is; the rest are no-op hooks."""
 
     views: ViewSpec = ViewSpec()
     """The unlabeled views the loader builds; the default (none) means labeled images only."""
+    settings_type: ClassVar[type] = NoSettings
+    """The frozen dataclass of the method's own `method:` keys (trainers.config.MethodConfig.settings)."""
 
     @classmethod
     def stages(cls, cfg: TrainConfig) -> list[Stage] | None:

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import MethodConfig
+from trainers.config import MethodConfig, at_least
 from trainers.forward import plain
 from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, Targets, build_criterion, detached, mix_targets, require
+
+
+@dataclass(frozen=True)
+class FixMatchSettings:
+    """FixMatch's own `method:` keys: loss = (weight_x·loss_x + weight_s·loss_s) / 2, as published."""
+
+    weight_x: float = 1.0
+    weight_s: float = 1.0
+    independent_mix_batch: bool = False
+    """Corrects the quirk: draw the CutMix source batch u′ from an independent permutation."""
+
+    def __post_init__(self) -> None:
+        at_least(self, "method", 0.0, "weight_x", "weight_s")
 
 
 @dataclass
@@ -20,15 +34,16 @@ class FixMatch(Method):
     criterion_l: Criterion
     conf_thresh: float
     ignore_index: int
-    weight_x: float = 1.0
-    weight_s: float = 1.0
-    divisor: float = 2.0
-    """loss = (weight_x·loss_x + weight_s·loss_s) / divisor."""
-    views: ViewSpec = field(default_factory=lambda: ViewSpec(strong_views=1, mix_batch=True))
+    settings: FixMatchSettings = field(default_factory=FixMatchSettings)
+    settings_type: ClassVar[type] = FixMatchSettings
+
+    @property
+    def views(self) -> ViewSpec:
+        return ViewSpec(strong_views=1, mix_batch=True, independent_mix=self.settings.independent_mix_batch)
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, ignore_index: int) -> FixMatch:
-        return cls(build_criterion(cfg, ignore_index), cfg.conf_thresh, ignore_index)
+        return cls(build_criterion(cfg, ignore_index), cfg.conf_thresh, ignore_index, cfg.settings)
 
     def step(
         self,
@@ -51,7 +66,7 @@ class FixMatch(Method):
         targets = Targets.from_logits(pred_w, unlabeled.ignore)
         loss_x = self.criterion_l(pred_x, labeled.mask)
         loss_s = targets.mixed(box, patch).loss(pred_s, self.conf_thresh, self.ignore_index)
-        loss = (self.weight_x * loss_x + self.weight_s * loss_s) / self.divisor
+        loss = (self.settings.weight_x * loss_x + self.settings.weight_s * loss_s) / 2
         terms = {
             "loss": loss,
             "loss_x": loss_x,

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import MethodConfig
+from trainers.config import MethodConfig, at_least
 from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached, eval_predict, mix_targets, require
-from trainers.methods.unimatch import Predictions, predict, unimatch_terms
+from trainers.methods.unimatch import Predictions, UniMatchSettings, predict, unimatch_terms
+
+
+@dataclass(frozen=True)
+class MSPLSettings(UniMatchSettings):
+    """MSPL's own `method:` keys (MSP_CCL's unimatch.py): loss = (weight_x·loss_x + weight_s1·loss_s1
+    + weight_s2·loss_s2 + weight_fp·loss_fp + weight_aug·aug) / 2, aug = (self_training + loss_xfp
+    + loss_cut) / 3."""
+
+    weight_s1: float = 0.2
+    weight_s2: float = 0.2
+    weight_aug: float = 0.1
+    cutout_view_normalized: bool = False
+    """Corrects the quirk: the cutout view is ImageNet-normalized (applied by the augmentation)."""
+    xfp_same_image: bool = False
+    """Corrects the quirk: loss_xfp = mean|pred_w − pred_w_fp| instead of mean|pred_x − pred_w_fp|."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least(self, "method", 0.0, "weight_aug")
 
 
 @dataclass
@@ -20,18 +40,8 @@ class MSPL(Method):
     criterion_l: Criterion
     conf_thresh: float
     ignore_index: int
-    cutout_view_normalized: bool = False
-    """Corrects the quirk: the cutout view is ImageNet-normalized (applied by the augmentation)."""
-    xfp_same_image: bool = False
-    """Corrects the quirk: loss_xfp = mean|pred_w − pred_w_fp| instead of mean|pred_x − pred_w_fp|."""
-    weight_x: float = 1.0
-    weight_s1: float = 0.2
-    weight_s2: float = 0.2
-    weight_fp: float = 0.5
-    weight_aug: float = 0.1
-    divisor: float = 2.0
-    """loss = (weight_x·loss_x + weight_s1·loss_s1 + weight_s2·loss_s2 + weight_fp·loss_fp
-    + weight_aug·aug) / divisor, with aug = (self_training + loss_xfp + loss_cut) / 3."""
+    settings: MSPLSettings = field(default_factory=MSPLSettings)
+    settings_type: ClassVar[type] = MSPLSettings
 
     @property
     def views(self) -> ViewSpec:
@@ -39,19 +49,14 @@ class MSPL(Method):
             strong_views=2,
             cutout=True,
             cutout_view=True,
-            cutout_view_normalized=self.cutout_view_normalized,
+            cutout_view_normalized=self.settings.cutout_view_normalized,
             mix_batch=True,
+            independent_mix=self.settings.independent_mix_batch,
         )
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, ignore_index: int) -> MSPL:
-        return cls(
-            build_criterion(cfg, ignore_index),
-            cfg.conf_thresh,
-            ignore_index,
-            cutout_view_normalized=cfg.cutout_view_normalized,
-            xfp_same_image=cfg.xfp_same_image,
-        )
+        return cls(build_criterion(cfg, ignore_index), cfg.conf_thresh, ignore_index, cfg.settings)
 
     def step(
         self,
@@ -71,10 +76,7 @@ class MSPL(Method):
 
         t = unimatch_terms(p, labeled, self.criterion_l, self.conf_thresh, self.ignore_index)
         t.update(self._aug_terms(p, pred_c))
-        weighted = (
-            self.weight_s1 * t["loss_s1"] + self.weight_s2 * t["loss_s2"] + self.weight_fp * t["loss_fp"]
-        )
-        loss = (self.weight_x * t["loss_x"] + weighted + self.weight_aug * t["aug"]) / self.divisor
+        loss = (self.settings.weighted(t) + self.settings.weight_aug * t["aug"]) / 2
         return StepOutput(loss, detached({"loss": loss, **t}))
 
     def _aug_terms(self, p: Predictions, pred_c: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -82,7 +84,7 @@ class MSPL(Method):
         self_training = self.criterion_l(pred_s, pred_s.argmax(dim=1))
         # Published quirk: the labeled prediction is compared with an unlabeled image's perturbed one.
         # Both sides keep their gradient in either setting, so the switch changes only the pairing.
-        anchor = p.pred_w if self.xfp_same_image else p.pred_x
+        anchor = p.pred_w if self.settings.xfp_same_image else p.pred_x
         loss_xfp = losses.l1_consistency(anchor, p.pred_w_fp)
         loss_cut = losses.l1_consistency(p.pred_w_fp, pred_c)
         return {
@@ -93,7 +95,7 @@ class MSPL(Method):
         }
 
     def _check_xfp_shapes(self, labeled: LabeledBatch, unlabeled: UnlabeledBatch) -> None:
-        if self.xfp_same_image or labeled.image.shape == unlabeled.weak.shape:
+        if self.settings.xfp_same_image or labeled.image.shape == unlabeled.weak.shape:
             return
         raise ValueError(
             f"mspl: the published loss_xfp compares pred_x with pred_w_fp, so labeled and unlabeled images "

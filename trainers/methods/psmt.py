@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import MethodConfig
+from trainers.config import MethodConfig, at_least, positive, within
 from trainers.forward import plain
 from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
@@ -103,22 +103,41 @@ def psmt_box(height: int, width: int, lam: float) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class PSMTSettings:
+    """PS-MT's own `method:` keys; defaults from VocCode/configs/config_deeplab_v3+.json (Pascal)."""
+
+    weight_u: float = 0.6
+    """Final unlabeled weight (`unsupervised_w`): 0.06 for the 92-label split, 0.6 from 183, as published."""
+    warmup_epochs: int = 5
+    """Labeled-only epochs; then both teachers take the student's weights."""
+    rampup_epochs: float = 12.0
+    """Epochs of the cosine ramp of weight_u after warm-up (0 = full weight at once)."""
+    ema_keep: float = 0.996
+    """EMA keep rate of the teacher updated in each epoch."""
+    gamma: float = 0.5
+    """Ensemble weight of teacher 1."""
+    assist_topk: int = 7
+    """Classes per pixel taken from the assisting teacher."""
+    xi: float = 1e-6
+    """T-VAT's probe step."""
+    eps: float = 2.0
+    """T-VAT's perturbation norm."""
+
+    def __post_init__(self) -> None:
+        at_least(self, "method", 0.0, "weight_u", "warmup_epochs", "rampup_epochs")
+        within(self, "method", 0.0, 1.0, "ema_keep", "gamma")
+        at_least(self, "method", 1, "assist_topk")
+        positive(self, "method", "xi", "eps")
+
+
 @dataclass
 class PSMT(Method):
     criterion_l: Criterion
     conf_thresh: float
     ignore_index: int
-    weight_u: float = 0.6
-    """Final unlabeled weight (0.06 for the 92-label split, as published)."""
-    warmup_epochs: int = 5
-    """Labeled-only epochs; then both teachers take the student's weights."""
-    rampup_epochs: float = 12.0
-    ema_keep: float = 0.996
-    gamma: float = 0.5
-    """Ensemble weight of teacher 1."""
-    assist_topk: int = 7
-    xi: float = 1e-6
-    eps: float = 2.0
+    settings: PSMTSettings = field(default_factory=PSMTSettings)
+    settings_type: ClassVar[type] = PSMTSettings
     views: ViewSpec = field(default_factory=lambda: ViewSpec(strong_views=1))
     clock: Clock = field(default_factory=Clock)
     student: nn.Module | None = field(default=None, repr=False)
@@ -126,8 +145,7 @@ class PSMT(Method):
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, ignore_index: int) -> PSMT:
-        weight_u = 0.6 if cfg.weight_u is None else cfg.weight_u
-        return cls(build_criterion(cfg, ignore_index), cfg.conf_thresh, ignore_index, weight_u=weight_u)
+        return cls(build_criterion(cfg, ignore_index), cfg.conf_thresh, ignore_index, cfg.settings)
 
     def setup(self, net: nn.Module) -> None:
         """Two teachers, copies of the network; no extra trainable modules."""
@@ -137,14 +155,14 @@ class PSMT(Method):
     def after_step(self, done: int, per_epoch: int, total: int) -> None:
         """Both teachers take the student's weights when warm-up ends; then the epoch's teacher follows it."""
         self.clock = Clock(done, per_epoch, total)
-        semi_epoch = (done - 1) // per_epoch - self.warmup_epochs
+        semi_epoch = (done - 1) // per_epoch - self.settings.warmup_epochs
         if semi_epoch < 0:
-            if done // per_epoch == self.warmup_epochs:
+            if done // per_epoch == self.settings.warmup_epochs:
                 for teacher in self.teachers:
                     teacher.copy_from(self.student)
             return
         # PS-MT averages the whole state dict, BatchNorm statistics included.
-        self.teachers[self._current(semi_epoch)].update(self.student, self.ema_keep, buffers=True)
+        self.teachers[self._current(semi_epoch)].update(self.student, self.settings.ema_keep, buffers=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"teachers": [t.state_dict() for t in self.teachers], "clock": vars(self.clock)}
@@ -167,7 +185,7 @@ class PSMT(Method):
         if self.student is None:
             # Driven by hand (not by the loop): set up from the wrapped network.
             self.setup(student_network(model))
-        semi_epoch = self.clock.epoch - self.warmup_epochs
+        semi_epoch = self.clock.epoch - self.settings.warmup_epochs
         if semi_epoch < 0:
             loss_x = self.criterion_l(model(plain, labeled.image), labeled.mask)
             zero = torch.zeros((), device=loss_x.device)
@@ -194,12 +212,13 @@ class PSMT(Method):
 
     def _weight_u(self) -> float:
         """weight_u times the cosine ramp over the first `rampup_epochs` after warm-up."""
-        if self.rampup_epochs == 0:
-            return self.weight_u
+        if self.settings.rampup_epochs == 0:
+            return self.settings.weight_u
         if not self.clock.per_epoch:
             return 0.0  # the first step: the loop has not reported the epoch length yet
-        done = self.clock.done - self.warmup_epochs * self.clock.per_epoch
-        return self.weight_u * cosine_rampup(done, self.rampup_epochs * self.clock.per_epoch)
+        s = self.settings
+        done = self.clock.done - s.warmup_epochs * self.clock.per_epoch
+        return s.weight_u * cosine_rampup(done, s.rampup_epochs * self.clock.per_epoch)
 
     def _current(self, semi_epoch: int) -> int:
         """Index of the teacher updated in this epoch: 0 in PS-MT's odd (1-based) epochs, else 1."""
@@ -213,8 +232,8 @@ class PSMT(Method):
         with torch.no_grad():
             logits = [t.net.train()(weak) for t in self.teachers]
         other = 1 - current
-        logits[other] = assisted(logits[current], logits[other], self.assist_topk)
-        return self.gamma * logits[0] + (1 - self.gamma) * logits[1]
+        logits[other] = assisted(logits[current], logits[other], self.settings.assist_topk)
+        return self.settings.gamma * logits[0] + (1 - self.settings.gamma) * logits[1]
 
     def _perturbed(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The student's logits with T-VAT noise added to its fused features."""
@@ -222,7 +241,7 @@ class PSMT(Method):
         decoders = [lambda f, t=t.net: classify(t, f) for t in self.teachers]
         for teacher in self.teachers:
             teacher.net.eval()
-        noise = tvat_perturbation(features, decoders, x.shape[-2:], self.xi, self.eps)
+        noise = tvat_perturbation(features, decoders, x.shape[-2:], self.settings.xi, self.settings.eps)
         return upsample(classify(net, features + noise), x.shape[-2:])
 
     def _cutmix(

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -67,32 +68,40 @@ def predict_classes(nets: Sequence[nn.Module], image: torch.Tensor) -> list[torc
     return [net.eval()(image).argmax(dim=1)[0] for net in nets]
 
 
+@dataclass(frozen=True)
+class STPPSettings:
+    """ST++'s own `method:` key; `STPP.stages` sets it for each stage."""
+
+    teacher: str | None = None
+    """Checkpoint whose model pseudo-labels the unlabeled views. None: `step` is supervised (stage 1,
+    which `STPP.stages` runs as the `supervised` method) and `setup` refuses to train."""
+
+
 @dataclass
 class STPP(Method):
     criterion_l: Criterion
     ignore_index: int
-    teacher_path: str | None = None
-    """Checkpoint whose model pseudo-labels the unlabeled views. None: `step` is supervised (stage 1,
-    which `STPP.stages` runs as the `supervised` method) and `setup` refuses to train."""
+    settings: STPPSettings = field(default_factory=STPPSettings)
+    settings_type: ClassVar[type] = STPPSettings
     teacher: nn.Module | None = field(default=None, repr=False)
 
     @property
     def views(self) -> ViewSpec:
-        return ViewSpec() if self.teacher_path is None else ViewSpec(strong_views=1, cutout=True)
+        return ViewSpec() if self.settings.teacher is None else ViewSpec(strong_views=1, cutout=True)
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, ignore_index: int) -> STPP:
-        return cls(build_criterion(cfg, ignore_index), ignore_index, cfg.teacher)
+        return cls(build_criterion(cfg, ignore_index), ignore_index, cfg.settings)
 
     def setup(self, net: nn.Module) -> None:
-        """Load the frozen teacher (same architecture as `net`) from `teacher_path`."""
-        if self.teacher_path is None:
+        """Load the frozen teacher (same architecture as `net`) from `method.teacher`."""
+        if self.settings.teacher is None:
             # A plain `fit` of stpp without a teacher would silently be a supervised run.
             raise ValueError(
                 "stpp: method.teacher is null; run the three stages with trainers.entry.train "
                 "(STPP.stages sets each stage's teacher)"
             )
-        state = ckpt.load(Path(self.teacher_path))
+        state = ckpt.load(Path(self.settings.teacher))
         self.teacher = copy.deepcopy(net).requires_grad_(False).eval()
         self.teacher.load_state_dict(state["model"])
 
@@ -104,7 +113,7 @@ class STPP(Method):
         mix: UnlabeledBatch | None,
     ) -> StepOutput:
         """Supervised CE; with a teacher, one CE over the labeled and the pseudo-labeled strong images."""
-        if self.teacher_path is None:
+        if self.settings.teacher is None:
             loss = self.criterion_l(model(plain, labeled.image), labeled.mask)
             return StepOutput(loss, detached({"loss": loss, "loss_x": loss}))
         if unlabeled is None or not unlabeled.strong:
@@ -135,7 +144,7 @@ class STPP(Method):
         keep = snapshot_epochs(first_epochs)
         supervised = stage_config(cfg, stage1, splits / "supervised", None, first_epochs)
         supervised = dataclasses.replace(
-            supervised, method=dataclasses.replace(cfg.method, name="supervised")
+            supervised, method=dataclasses.replace(cfg.method, name="supervised", settings=None)
         )
 
         def select_reliable() -> None:
@@ -170,7 +179,8 @@ def stage_config(
 ) -> TrainConfig:
     """`cfg` for one stage: its own folder, split, teacher and epoch count."""
     data = cfg.data if split_dir is None else dataclasses.replace(cfg.data, split_dir=str(split_dir))
-    method = dataclasses.replace(cfg.method, teacher=None if teacher is None else str(teacher))
+    settings = STPPSettings(teacher=None if teacher is None else str(teacher))
+    method = dataclasses.replace(cfg.method, settings=settings)
     optim = dataclasses.replace(cfg.optim, epochs=epochs)
     return dataclasses.replace(cfg, out_dir=str(out_dir), data=data, method=method, optim=optim)
 

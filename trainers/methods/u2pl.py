@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import nn
 
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import MethodConfig
+from trainers.config import ConfigError, MethodConfig, at_least, positive, within
 from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
 from trainers.methods.ema import Clock, EMATeacher, ema_update, student_network, warmup_decay
@@ -117,17 +117,28 @@ class MemoryQueues:
         self.keys[c] = torch.cat([self.keys[c], keys.detach()])[-self.sizes[c] :]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Contrast:
-    """The contrastive loss's hyperparameters (U2PL's `contrastive` config block)."""
+    """The contrastive loss's hyperparameters (U2PL's `contrastive` config block; `method.contrast`)."""
 
     anchor_thresh: float = 0.3
     """δ_p: an anchor's teacher probability of its class must exceed this."""
     low_rank: int = 3
+    """Negatives of a labeled pixel are the classes ranked in [low_rank, high_rank) by the teacher."""
     high_rank: int = 20
     num_queries: int = 256
+    """Anchors sampled per class."""
     num_negatives: int = 50
+    """Negatives per anchor."""
     temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        within(self, "method.contrast", 0.0, 1.0, "anchor_thresh")
+        positive(self, "method.contrast", "low_rank", "num_queries", "num_negatives", "temperature")
+        if self.high_rank <= self.low_rank:
+            raise ConfigError(
+                f"method.contrast.high_rank: expected > low_rank ({self.low_rank}), got {self.high_rank}"
+            )
 
 
 def contrastive_loss(
@@ -189,10 +200,10 @@ def downsample(mask: torch.Tensor, size: torch.Size) -> torch.Tensor:
     return out.bool() if mask.dtype == torch.bool else out.long()
 
 
-@dataclass
-class U2PL(Method):
-    criterion_l: Criterion
-    ignore_index: int
+@dataclass(frozen=True)
+class U2PLSettings:
+    """U2PL's own `method:` keys; defaults from experiments/pascal/*/ours/config.yaml."""
+
     sup_only_epochs: int = 1
     """Epochs of labeled-only training before the teacher takes the student's weights (U2PL's default)."""
     ema_decay: float = 0.99
@@ -208,6 +219,20 @@ class U2PL(Method):
     background_queue_size: int = 50_000
     """Class 0's queue, as published."""
     contrast: Contrast = field(default_factory=Contrast)
+
+    def __post_init__(self) -> None:
+        at_least(self, "method", 0, "sup_only_epochs", "weight_u", "weight_contrast")
+        within(self, "method", 0.0, 1.0, "ema_decay", "cutmix_p")
+        within(self, "method", 0.0, 100.0, "drop_percent", "alpha_0")
+        positive(self, "method", "rep_dim", "queue_size", "background_queue_size")
+
+
+@dataclass
+class U2PL(Method):
+    criterion_l: Criterion
+    ignore_index: int
+    settings: U2PLSettings = field(default_factory=U2PLSettings)
+    settings_type: ClassVar[type] = U2PLSettings
     views: ViewSpec = field(default_factory=lambda: ViewSpec(strong_views=1))
     """Only the weak view is used; one strong view is declared so the unlabeled loader exists."""
     clock: Clock = field(default_factory=Clock)
@@ -217,13 +242,13 @@ class U2PL(Method):
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, ignore_index: int) -> U2PL:
-        weight_u = 1.0 if cfg.weight_u is None else cfg.weight_u
-        return cls(build_criterion(cfg, ignore_index), ignore_index, weight_u=weight_u)
+        return cls(build_criterion(cfg, ignore_index), ignore_index, cfg.settings)
 
     def setup(self, net: nn.Module) -> nn.Module:
         """Build the representation head and the teacher (net + head); returns the head to train."""
         device = next(net.parameters()).device
-        head = RepresentationHead(fused_channels(net), self.rep_dim, self.rep_dim).to(device)
+        dim = self.settings.rep_dim
+        head = RepresentationHead(fused_channels(net), dim, dim).to(device)
         self.student = nn.ModuleDict({"net": net, "head": head})
         self.teacher = EMATeacher(self.student)
         return head
@@ -232,13 +257,13 @@ class U2PL(Method):
         """The teacher is the student through epoch `sup_only_epochs`, then its EMA (as published)."""
         self.clock = Clock(done, per_epoch, total)
         step, next_epoch = done - 1, done // per_epoch
-        if next_epoch < self.sup_only_epochs:
+        if next_epoch < self.settings.sup_only_epochs:
             return
         # Parameters only: the teacher's BatchNorm statistics come from its own train-mode passes.
-        if step // per_epoch <= self.sup_only_epochs:
+        if step // per_epoch <= self.settings.sup_only_epochs:
             ema_update(self.teacher.net, self.student, 0.0)
             return
-        decay = warmup_decay(step - per_epoch * self.sup_only_epochs, self.ema_decay)
+        decay = warmup_decay(step - per_epoch * self.settings.sup_only_epochs, self.settings.ema_decay)
         ema_update(self.teacher.net, self.student, decay)
 
     def state_dict(self) -> dict[str, Any]:
@@ -267,7 +292,7 @@ class U2PL(Method):
         if self.student is None:
             # Driven by hand (not by the loop): set up from the wrapped network; the head is untrained.
             self.setup(student_network(model))
-        if self.clock.epoch < self.sup_only_epochs:
+        if self.clock.epoch < self.settings.sup_only_epochs:
             return self._supervised(model, labeled)
         return self._semi(model, labeled, unlabeled)
 
@@ -310,9 +335,10 @@ class U2PL(Method):
 
         valid = ignore != self.ignore_index
         epoch, epochs = self.clock.epoch, self.clock.epochs
-        keep = 100 - unreliable_percent(100 - self.drop_percent, epoch, epochs)
+        keep = 100 - unreliable_percent(100 - self.settings.drop_percent, epoch, epochs)
         loss_u, kept = reliable_ce(pred[num_x:], label, ent, valid, keep)
-        reliable, unreliable = entropy_partition(ent, valid, unreliable_percent(self.alpha_0, epoch, epochs))
+        alpha = unreliable_percent(self.settings.alpha_0, epoch, epochs)
+        reliable, unreliable = entropy_partition(ent, valid, alpha)
 
         labeled_valid = labeled.mask != self.ignore_index
         small = logits.shape[-2:]
@@ -325,10 +351,10 @@ class U2PL(Method):
             downsample(torch.cat([labeled_valid, unreliable]), small),
             num_x,
             self._queues(prob_t.shape[1], rep.shape[1], rep.device),
-            self.contrast,
+            self.settings.contrast,
             self.ignore_index,
         )
-        loss = loss_x + self.weight_u * loss_u + self.weight_contrast * loss_c
+        loss = loss_x + self.settings.weight_u * loss_u + self.settings.weight_contrast * loss_c
         ratio = kept.sum() / valid.sum().clamp_min(1)
         terms = {
             "loss": loss,
@@ -343,7 +369,7 @@ class U2PL(Method):
         self, image: torch.Tensor, label: torch.Tensor, ignore: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """With probability cutmix_p, paste the next image of the batch (and its labels) into a U2PL box."""
-        if random.random() >= self.cutmix_p:
+        if random.random() >= self.settings.cutmix_p:
             return image, label, ignore
         h, w = image.shape[-2:]
         box = torch.stack([u2pl_box(h, w) for _ in range(image.shape[0])]).to(image.device)
@@ -353,7 +379,7 @@ class U2PL(Method):
         return losses.paste(image, image.roll(-1, 0), box), label, ignore
 
     def _sizes(self, num_classes: int) -> list[int]:
-        return [self.background_queue_size] + [self.queue_size] * (num_classes - 1)
+        return [self.settings.background_queue_size] + [self.settings.queue_size] * (num_classes - 1)
 
     def _queues(self, num_classes: int, dim: int, device: torch.device) -> MemoryQueues:
         if self.queues is None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import MethodConfig
+from trainers.config import MethodConfig, at_least
 from trainers.forward import feature_perturbed, plain
 from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, Targets, build_criterion, detached, mix_targets, require
@@ -73,22 +74,42 @@ def unimatch_terms(
     }
 
 
+@dataclass(frozen=True)
+class UniMatchSettings:
+    """UniMatch's own `method:` keys:
+    loss = (weight_x·loss_x + weight_s1·loss_s1 + weight_s2·loss_s2 + weight_fp·loss_fp) / 2."""
+
+    weight_x: float = 1.0
+    weight_s1: float = 0.25
+    weight_s2: float = 0.25
+    weight_fp: float = 0.5
+    independent_mix_batch: bool = False
+    """Corrects the quirk: draw the CutMix source batch u′ from an independent permutation."""
+
+    def __post_init__(self) -> None:
+        at_least(self, "method", 0.0, *(f.name for f in fields(self) if f.name.startswith("weight_")))
+
+    def weighted(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The numerator's UniMatch part: weight_x·loss_x + Σ weight·loss over s1, s2 and fp."""
+        strong = self.weight_s1 * t["loss_s1"] + self.weight_s2 * t["loss_s2"]
+        return self.weight_x * t["loss_x"] + (strong + self.weight_fp * t["loss_fp"])
+
+
 @dataclass
 class UniMatch(Method):
     criterion_l: Criterion
     conf_thresh: float
     ignore_index: int
-    weight_x: float = 1.0
-    weight_s1: float = 0.25
-    weight_s2: float = 0.25
-    weight_fp: float = 0.5
-    divisor: float = 2.0
-    """loss = (weight_x·loss_x + weight_s1·loss_s1 + weight_s2·loss_s2 + weight_fp·loss_fp) / divisor."""
-    views: ViewSpec = field(default_factory=lambda: ViewSpec(strong_views=2, mix_batch=True))
+    settings: UniMatchSettings = field(default_factory=UniMatchSettings)
+    settings_type: ClassVar[type] = UniMatchSettings
+
+    @property
+    def views(self) -> ViewSpec:
+        return ViewSpec(strong_views=2, mix_batch=True, independent_mix=self.settings.independent_mix_batch)
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, ignore_index: int) -> UniMatch:
-        return cls(build_criterion(cfg, ignore_index), cfg.conf_thresh, ignore_index)
+        return cls(build_criterion(cfg, ignore_index), cfg.conf_thresh, ignore_index, cfg.settings)
 
     def step(
         self,
@@ -102,8 +123,5 @@ class UniMatch(Method):
         patch = mix_targets(model, mix)
         p = predict(model, labeled, unlabeled, mix, patch)
         t = unimatch_terms(p, labeled, self.criterion_l, self.conf_thresh, self.ignore_index)
-        weighted = (
-            self.weight_s1 * t["loss_s1"] + self.weight_s2 * t["loss_s2"] + self.weight_fp * t["loss_fp"]
-        )
-        loss = (self.weight_x * t["loss_x"] + weighted) / self.divisor
+        loss = self.settings.weighted(t) / 2
         return StepOutput(loss, detached({"loss": loss, **t}))
