@@ -27,8 +27,11 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import default_collate
 from torchvision import transforms
 
-from trainers import augment, fast
+from trainers import augment
+from trainers import augment_reference as reference
+from trainers.augment_reference import IGNORE
 from trainers.batch import ViewSpec
+from trainers.data import collates
 from trainers.datasets import Pair, PairDataset, voc_palette
 from trainers.synth import render
 
@@ -190,51 +193,46 @@ def loader(dataset, collate) -> Batches:
     return lambda items: collate([dataset[i] for i in items])
 
 
-def paths(root: Path, pairs: list[Pair], crop: int) -> dict[str, tuple[Batches, Batches, Callable | None]]:
-    """name -> (labeled batch, unlabeled batch, on-device finish of an unlabeled batch or None)."""
+def paths(root: Path, pairs: list[Pair], crop: int) -> dict[str, tuple[Batches, Batches]]:
+    """name -> (labeled batch, unlabeled batch)."""
     out = {
         "seed PIL (reference)": (
             loader(SeedDataset(root, pairs, "train_l", crop), default_collate),
             loader(SeedDataset(root, pairs, "train_u", crop), default_collate),
-            None,
         )
     }
     for decode in ("pil", "torchvision"):
-        out[f"platform per-sample, decode={decode}"] = (
+        out[f"per-sample reference ops, decode={decode}"] = (
             loader(
-                PairDataset(root, pairs, augment.labeled_transform(crop), decode=decode),
+                PairDataset(root, pairs, reference.labeled_transform(crop), decode=decode),
                 augment.collate_labeled,
             ),
             loader(
-                PairDataset(root, pairs, augment.unlabeled_transform(crop, MSPL_VIEWS), False, decode),
-                augment.collate_unlabeled,
+                PairDataset(root, pairs, reference.unlabeled_transform(crop, MSPL_VIEWS), False, decode),
+                reference.collate_unlabeled,
             ),
-            None,
         )
-    raw_labeled = PairDataset(root, pairs, fast.raw_labeled_transform(crop), decode="torchvision")
+    raw_labeled = PairDataset(root, pairs, augment.labeled_transform(crop, IGNORE), decode="torchvision")
     raw_unlabeled = PairDataset(
-        root, pairs, fast.raw_unlabeled_transform(crop, MSPL_VIEWS), False, "torchvision"
+        root, pairs, augment.unlabeled_transform(crop, MSPL_VIEWS, IGNORE), False, "torchvision"
+    )
+    in_loader, on_device = collates(device_augment=False), collates(device_augment=True)
+    out["platform, views batched in the collate (CPU default)"] = (
+        loader(raw_labeled, in_loader[0]),
+        loader(raw_unlabeled, in_loader[1]),
     )
     out["platform device_augment: loader part"] = (
-        loader(raw_labeled, fast.collate_raw_labeled),
-        loader(raw_unlabeled, fast.collate_raw_unlabeled),
-        None,
-    )
-    out["platform device_augment: loader + batched views on CPU"] = (
-        loader(raw_labeled, lambda items: fast.collate_raw_labeled(items).finish()),
-        loader(raw_unlabeled, fast.collate_raw_unlabeled),
-        lambda batch: batch.finish(),
+        loader(raw_labeled, on_device[0]),
+        loader(raw_unlabeled, on_device[1]),
     )
     return out
 
 
-def cpu_ms_per_sample(build: Batches, finish: Callable | None, batches: list[list[int]]) -> float:
-    """CPU-ms of building (and finishing) every batch, per sample."""
+def cpu_ms_per_sample(build: Batches, batches: list[list[int]]) -> float:
+    """CPU-ms of building every batch, per sample."""
     start = time.process_time()
     for items in batches:
-        batch = build(items)
-        if finish is not None:
-            finish(batch)
+        build(items)
     return (time.process_time() - start) * 1000 / sum(map(len, batches))
 
 
@@ -244,12 +242,12 @@ def measure(args: argparse.Namespace, root: Path, pairs: list[Pair]) -> dict[str
     times = {name: {"labeled": [], "unlabeled": []} for name in candidates}
     batches = [list(range(i, i + args.batch)) for i in range(0, len(pairs) - args.batch + 1, args.batch)]
     for rep in range(args.reps + 1):
-        for name, (labeled, unlabeled, finish) in candidates.items():
+        for name, (labeled, unlabeled) in candidates.items():
             random.seed(rep)
             np.random.seed(rep)
             torch.manual_seed(rep)
-            spent_l = cpu_ms_per_sample(labeled, None, batches)
-            spent_u = cpu_ms_per_sample(unlabeled, finish, batches)
+            spent_l = cpu_ms_per_sample(labeled, batches)
+            spent_u = cpu_ms_per_sample(unlabeled, batches)
             if rep:  # repetition 0 warms caches and lazy imports
                 times[name]["labeled"].append(spent_l)
                 times[name]["unlabeled"].append(spent_u)
@@ -306,9 +304,10 @@ def main(argv: list[str] | None = None) -> None:
         times = measure(args, root, pairs)
     print(table(times))
     print(
+        "\nThe `CPU default` row is what a CPU-only run's loader does: views built batched in the collate."
         "\nThe `loader part` row is what the CPU does per sample when `fast.device_augment` builds the strong"
-        "\nviews on the GPU (the default there); the last row is the same work with the views built batched"
-        "\non this CPU instead (a CPU-only run)."
+        "\nviews on the GPU after the copy (the default there). The per-sample rows are the seed's ops on"
+        "\nthe platform's geometry, kept as the reference the batched views are checked against."
     )
 
 

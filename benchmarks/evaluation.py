@@ -4,7 +4,7 @@ seed: UniMatch's `evaluate` reproduced below: one forward per window (the last r
 windows cut short at the border), softmax summed, numpy intersection/union per image.
 platform: `trainers.evaluate.evaluate` with the reference switches (NCHW, fp32): border-aligned
 windows of equal size, `--window-batch` per forward, bincount metrics.
-fast: the same with the switches `trainers.fast.settings` resolves for the device (channels_last;
+fast: the same with the switches `trainers.speed.settings` resolves for the device (channels_last;
 bf16 autocast on GPU). Sliding windows use Cityscapes' geometry (2 x 1 aspect, crop about half the
 height, stride 2/3 of the crop); whole-image eval uses Pascal-like images of varying size, one per
 forward as the val loader gives them. The same images and weights for every path; repetitions interleave.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from _machine import machine
 
-from trainers import augment, fast
+from trainers import augment, speed
 from trainers.batch import LabeledBatch
 from trainers.config import FastConfig
 from trainers.evaluate import evaluate
@@ -127,9 +127,9 @@ def paths(
     """Each path by name; every network has the same weights."""
     torch.manual_seed(0)
     net = calibrated(DeepLabV3Plus(backbone, CLASSES).to(device), items, crop, device)
-    reference = fast.FastSettings(False, False, False, "pil", False, False)
-    switches = fast.settings(FastConfig(), device)
-    fast_net = fast.prepare_network(DeepLabV3Plus(backbone, CLASSES).to(device), switches)
+    reference = speed.FastSettings(False, False, False, "pil", False, False)
+    switches = speed.settings(FastConfig(), device)
+    fast_net = speed.prepare_network(DeepLabV3Plus(backbone, CLASSES).to(device), switches)
     fast_net.load_state_dict(net.state_dict())
 
     def platform_path(model, settings):
@@ -137,7 +137,7 @@ def paths(
             def keep(i, pred):
                 preds.append(pred.cpu())
 
-            with fast.autocast(settings, device):
+            with speed.autocast(settings, device):
                 result = evaluate(
                     model,
                     items,

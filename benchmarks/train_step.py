@@ -2,7 +2,7 @@
 
 reference: eager fp32, NCHW, for-loop SGD, float batches copied with a blocking `.to(device)` and the
 loss read back every step (UniMatch's AverageMeter does `loss.item()`), as the seed runs it.
-fast: the switches `trainers.fast.settings` resolves for the device (channels_last and foreach SGD
+fast: the switches `trainers.speed.settings` resolves for the device (channels_last and foreach SGD
 everywhere; on GPU also bf16 autocast and strong views built on the device from uint8 crops), losses
 left on the device; `--compile` adds a torch.compile variant. Both run the platform's MSPL step (same
 math), from the same initial weights, on batches made by the real transforms; repetitions interleave.
@@ -31,9 +31,11 @@ from typing import Any
 import torch
 from _machine import machine
 
-from trainers import augment, fast
+from trainers import augment, speed
+from trainers.augment_reference import IGNORE
 from trainers.batch import ViewSpec
 from trainers.config import FastConfig, MethodConfig, OptimConfig
+from trainers.data import collates
 from trainers.forward import Forwarder
 from trainers.methods import build_method
 from trainers.model import DeepLabV3Plus
@@ -46,14 +48,14 @@ VIEWS = ViewSpec(strong_views=2, cutout=True, cutout_view=True, mix_batch=True)
 @dataclass(frozen=True)
 class Variant:
     name: str
-    switches: fast.FastSettings
+    switches: speed.FastSettings
     read_loss_every_step: bool
 
 
 def variants(device: torch.device, compile_too: bool, cpu_bf16: bool) -> list[Variant]:
     """The reference, the fast path as resolved for `device`, and optionally its compiled form."""
-    reference = fast.FastSettings(False, False, False, "pil", False, False)
-    platform_default = fast.settings(FastConfig(autocast_bf16=True if cpu_bf16 else None), device)
+    reference = speed.FastSettings(False, False, False, "pil", False, False)
+    platform_default = speed.settings(FastConfig(autocast_bf16=True if cpu_bf16 else None), device)
     out = [Variant("reference", reference, True), Variant("fast", platform_default, False)]
     if compile_too:
         out.append(Variant("fast+compile", replace(platform_default, compile=True), False))
@@ -74,12 +76,9 @@ def _pinned(batch: Any) -> Any:
 def host_batches(variant: Variant, crop: int, batch: int, count: int, device: torch.device) -> list[tuple]:
     """`count` (labeled, unlabeled, mix) triples as the variant's loader yields them (pinned for a GPU)."""
     raw = variant.switches.device_augment
-    labeled_t = fast.raw_labeled_transform(crop) if raw else augment.labeled_transform(crop)
-    unlabeled_t = (
-        fast.raw_unlabeled_transform(crop, VIEWS) if raw else augment.unlabeled_transform(crop, VIEWS)
-    )
-    collate_l = fast.collate_raw_labeled if raw else augment.collate_labeled
-    collate_u = fast.collate_raw_unlabeled if raw else augment.collate_unlabeled
+    labeled_t = augment.labeled_transform(crop, IGNORE)
+    unlabeled_t = augment.unlabeled_transform(crop, VIEWS, IGNORE)
+    collate_l, collate_u = collates(raw)
     gen = torch.Generator().manual_seed(0)
     random.seed(0)
 
@@ -114,19 +113,18 @@ class Trainer:
         self.variant, self.device, self.batches, self.count = variant, device, batches, 0
         self.warmup_s = 0.0
         net = DeepLabV3Plus(backbone, CLASSES).to(device)
-        self.net = fast.prepare_network(net, variant.switches)
+        self.net = speed.prepare_network(net, variant.switches)
         self.model = Forwarder(self.net).train()
         self.optimizer = build_optimizer(self.net, OptimConfig(), 0.001, foreach=variant.switches.foreach)
-        self.method = build_method(MethodConfig(name="mspl", conf_thresh=0.95), 255)
+        self.method = build_method(MethodConfig(name="mspl", conf_thresh=0.95), IGNORE)
 
     def step(self) -> None:
         host = self.batches[self.count % len(self.batches)]
         self.count += 1
+        batches = [b.to(self.device, non_blocking=True) for b in host]
         if self.variant.switches.device_augment:
-            batches = [fast.to_device(b, self.device) for b in host]
-        else:
-            batches = [b.to(self.device) for b in host]
-        with fast.autocast(self.variant.switches, self.device):
+            batches = [b.finish() for b in batches]
+        with speed.autocast(self.variant.switches, self.device):
             out = self.method.step(self.model, *batches)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

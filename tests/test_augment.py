@@ -1,4 +1,5 @@
-"""Invariants of the UniMatch / MSPL augmentation: sizes, padding, alignment, box laws, views."""
+"""Invariants of the UniMatch / MSPL augmentation: sizes, padding, alignment, box laws, views (on the
+seed's per-sample reference; tests/test_fast_path.py shows the batched views equal it)."""
 
 import random
 
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 from trainers import augment
+from trainers import augment_reference as reference
 from trainers.augment import Box, Jitter, Photometric
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 
@@ -44,7 +46,7 @@ def assert_aligned(image: torch.Tensor, mask: torch.Tensor, margin: int = 0, tol
     expected = PALETTE[mask.clamp(max=len(PALETTE) - 1)].permute(2, 0, 1)
     error = (image.float() - expected.float()).abs().amax(0)
     assert (error[uniform & labeled] <= tolerance).all()
-    assert (image[:, uniform & (mask == augment.IGNORE)].abs() <= tolerance).all()
+    assert (image[:, uniform & (mask == reference.IGNORE)].abs() <= tolerance).all()
     return int((uniform & labeled).sum())
 
 
@@ -57,7 +59,7 @@ def unnormalize(image: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("size", [(20, 14), (97, 61), (33, 33)])
 def test_labeled_output_is_crop_sized(size):
-    out = augment.labeled_transform(33)(*block_pair(size[1], size[0]))
+    out = reference.labeled_transform(33)(*block_pair(size[1], size[0]))
     assert out["image"].shape == (3, 33, 33) and out["image"].dtype == torch.float32
     assert out["mask"].shape == (33, 33) and out["mask"].dtype == torch.int64
 
@@ -77,7 +79,7 @@ def test_resize_keeps_aspect_and_scale_range():
 def test_crop_pads_image_with_zero_and_mask_with_fill():
     image = Image.new("RGB", (5, 4), (9, 9, 9))
     mask = Image.new("L", (5, 4), 3)
-    for fill in (augment.IGNORE, augment.UNLABELED_PAD):
+    for fill in (reference.IGNORE, augment.UNLABELED_PAD):
         out_image, out_mask = tensors(*augment.crop(image, mask, 8, fill))
         assert out_image.shape == (3, 8, 8)
         assert (out_image[:, :4, :5] == 9).all() and (out_image[:, 4:] == 0).all()
@@ -89,9 +91,9 @@ def test_crop_pads_image_with_zero_and_mask_with_fill():
 
 def test_labeled_padding_is_ignore_where_image_is_zero():
     image, mask = Image.new("RGB", (6, 5), (200, 100, 50)), Image.new("L", (6, 5), 3)
-    out = augment.labeled_transform(33)(image, mask)
+    out = reference.labeled_transform(33)(image, mask)
     raw = unnormalize(out["image"])
-    padding = out["mask"] == augment.IGNORE
+    padding = out["mask"] == reference.IGNORE
     assert 0 < padding.sum() < 33 * 33 and set(out["mask"].unique().tolist()) == {3, 255}
     assert (raw[:, padding].abs() < 1e-3).all()
     assert torch.allclose(raw[:, ~padding], torch.tensor([200.0, 100.0, 50.0])[:, None], atol=1e-3)
@@ -99,7 +101,7 @@ def test_labeled_padding_is_ignore_where_image_is_zero():
 
 def test_unlabeled_ignore_marks_exactly_the_padding():
     image, mask = Image.new("RGB", (6, 5), (200, 100, 50)), Image.new("L", (6, 5), 3)
-    out = augment.unlabeled_transform(33, ViewSpec(strong_views=2))(image, mask)
+    out = reference.unlabeled_transform(33, ViewSpec(strong_views=2))(image, mask)
     raw = unnormalize(out["weak"])
     padding = out["ignore"] == 255
     assert set(out["ignore"].unique().tolist()) == {0, 255} and out["ignore"].dtype == torch.int64
@@ -111,7 +113,7 @@ def test_unlabeled_mask_values_other_than_padding_are_not_ignored():
     # Long side >= 0.5 x 80 = 40 > 33 after any rescale: no padding.
     image, mask = block_pair(80, 80)
     for _ in range(5):
-        out = augment.unlabeled_transform(33, ViewSpec(strong_views=1))(image, mask)
+        out = reference.unlabeled_transform(33, ViewSpec(strong_views=1))(image, mask)
         assert out["ignore"].sum() == 0
 
 
@@ -119,9 +121,9 @@ def test_unlabeled_mask_values_other_than_padding_are_not_ignored():
     "op, margin",
     [
         (augment.resize, 2),
-        (lambda i, m: augment.crop(i, m, 60, augment.IGNORE), 0),
+        (lambda i, m: augment.crop(i, m, 60, reference.IGNORE), 0),
         (lambda i, m: augment.hflip(i, m, p=1.0), 0),
-        (lambda i, m: augment.geometry(i, m, 40, augment.IGNORE), 2),
+        (lambda i, m: augment.geometry(i, m, 40, reference.IGNORE), 2),
     ],
     ids=["resize", "crop", "hflip", "geometry"],
 )
@@ -143,7 +145,7 @@ def test_hflip_mirrors_both():
 
 
 def test_labeled_transform_keeps_alignment_end_to_end():
-    transform = augment.labeled_transform(40)
+    transform = reference.labeled_transform(40)
     checked = 0
     for _ in range(8):
         out = transform(*block_pair(48, 72))
@@ -155,7 +157,7 @@ def test_palette_mask_keeps_class_ids():
     image, mask = block_pair(40, 50)
     palette_mask = mask.convert("P")
     palette_mask.putpalette([7, 7, 7] * 256)
-    out = augment.labeled_transform(33)(image, palette_mask)
+    out = reference.labeled_transform(33)(image, palette_mask)
     assert set(out["mask"].unique().tolist()) <= set(range(len(PALETTE))) | {255}
 
 
@@ -165,7 +167,7 @@ def test_palette_mask_keeps_class_ids():
 def test_cutmix_box_is_one_rectangle_inside_the_crop():
     nonempty = 0
     for _ in range(300):
-        box = augment.cutmix_box(33)
+        box = reference.cutmix_box(33)
         assert box.shape == (33, 33) and box.dtype == torch.int64
         assert set(box.unique().tolist()) <= {0, 1}
         if box.any():
@@ -177,8 +179,8 @@ def test_cutmix_box_is_one_rectangle_inside_the_crop():
 
 
 def test_cutmix_box_probability_extremes():
-    assert all(augment.cutmix_box(17, p=1.0).any() for _ in range(30))
-    assert not any(augment.cutmix_box(17, p=0.0).any() for _ in range(30))
+    assert all(reference.cutmix_box(17, p=1.0).any() for _ in range(30))
+    assert not any(reference.cutmix_box(17, p=0.0).any() for _ in range(30))
 
 
 @pytest.mark.parametrize("redraw_area", [False, True], ids=["cutmix", "cutout"])
@@ -210,7 +212,7 @@ def test_box_mask():
 def test_cutout_fills_only_its_box_with_uniform_values():
     image = torch.full((3, 40, 40), 255, dtype=torch.uint8)
     box = Box(top=5, left=7, height=20, width=24)
-    out = augment.cutout(image, box)
+    out = reference.cutout(image, box)
     inside = box.mask(40, 40).bool()
     assert (image == 255).all(), "cutout must not modify its input"
     assert (out[:, ~inside] == 255).all()
@@ -221,7 +223,7 @@ def test_cutout_fills_only_its_box_with_uniform_values():
 
 
 def test_cutout_on_float_images_stays_in_unit_range():
-    out = augment.cutout(torch.zeros(2, 3, 16, 16), Box(0, 0, 16, 16))
+    out = reference.cutout(torch.zeros(2, 3, 16, 16), Box(0, 0, 16, 16))
     assert 0.0 <= out.min() and out.max() <= 254 / 255 and out.std() > 0.2
 
 
@@ -230,15 +232,15 @@ def test_identity_parameters_leave_the_image_unchanged():
     params = Photometric(
         Jitter((3, 1, 0, 2), 1.0, 1.0, 1.0, 0.0), grayscale=False, blur_sigma=None, cutout=None
     )
-    assert torch.equal(augment.photometric(image, params), image)
+    assert torch.equal(reference.photometric(image, params), image)
 
 
 def test_grayscale_equalizes_channels_and_ops_accept_batches():
     batch = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
     params = Photometric(Jitter((0, 1, 2, 3), 1.3, 0.7, 1.2, 0.1), True, 1.5, Box(2, 2, 5, 5))
-    out = augment.photometric(batch, params)
+    out = reference.photometric(batch, params)
     assert out.shape == batch.shape and out.dtype == torch.uint8
-    gray = augment.photometric(batch, Photometric(None, True, None, None))
+    gray = reference.photometric(batch, Photometric(None, True, None, None))
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
 
 
@@ -270,7 +272,7 @@ def test_draw_photometric_probabilities():
     ids=["fixmatch", "unimatch", "mspl"],
 )
 def test_unlabeled_views_follow_the_view_spec(views):
-    out = augment.unlabeled_transform(33, views)(*block_pair(40, 50))
+    out = reference.unlabeled_transform(33, views)(*block_pair(40, 50))
     assert out["weak"].shape == (3, 33, 33)
     assert len(out["strong"]) == len(out["boxes"]) == views.strong_views
     assert all(s.shape == (3, 33, 33) and s.dtype == torch.float32 for s in out["strong"])
@@ -284,10 +286,10 @@ def test_cutout_view_quirk_is_unit_range_and_switch_normalizes():
     fixed = ViewSpec(strong_views=2, cutout=True, cutout_view=True, cutout_view_normalized=True)
     random.seed(3)
     torch.manual_seed(3)
-    raw = augment.unlabeled_transform(33, quirk)(*pair)
+    raw = reference.unlabeled_transform(33, quirk)(*pair)
     random.seed(3)
     torch.manual_seed(3)
-    normalized = augment.unlabeled_transform(33, fixed)(*pair)
+    normalized = reference.unlabeled_transform(33, fixed)(*pair)
     assert 0.0 <= raw["cutout_view"].min() and raw["cutout_view"].max() <= 1.0
     assert torch.allclose(normalized["cutout_view"], (raw["cutout_view"] - MEAN) / STD, atol=1e-6)
     assert torch.equal(raw["weak"], normalized["weak"])
@@ -297,7 +299,7 @@ def test_strong_views_are_photometric_copies_of_the_weak_view():
     # Strong views share the weak view's geometry: with a constant image they stay constant off cutouts.
     image, mask = Image.new("RGB", (70, 70), (120, 60, 30)), Image.new("L", (70, 70), 1)
     for _ in range(5):
-        out = augment.unlabeled_transform(33, ViewSpec(strong_views=2))(image, mask)
+        out = reference.unlabeled_transform(33, ViewSpec(strong_views=2))(image, mask)
         for strong in out["strong"]:
             flat = strong.reshape(3, -1)
             assert (flat.amax(1) - flat.amin(1)).max() < 0.05
@@ -316,7 +318,7 @@ def test_eval_transform_keeps_the_whole_image():
 
 
 def test_collate_labeled_shapes():
-    transform = augment.labeled_transform(33)
+    transform = reference.labeled_transform(33)
     batch = augment.collate_labeled([transform(*block_pair(40, 50)) for _ in range(3)])
     assert isinstance(batch, LabeledBatch)
     assert batch.image.shape == (3, 3, 33, 33) and batch.image.dtype == torch.float32
@@ -326,8 +328,8 @@ def test_collate_labeled_shapes():
 @pytest.mark.parametrize("cutout_view", [False, True])
 def test_collate_unlabeled_shapes(cutout_view):
     views = ViewSpec(strong_views=2, cutout=cutout_view, cutout_view=cutout_view)
-    transform = augment.unlabeled_transform(33, views)
-    batch = augment.collate_unlabeled([transform(*block_pair(40, 50)) for _ in range(2)])
+    transform = reference.unlabeled_transform(33, views)
+    batch = reference.collate_unlabeled([transform(*block_pair(40, 50)) for _ in range(2)])
     assert isinstance(batch, UnlabeledBatch)
     assert batch.weak.shape == (2, 3, 33, 33)
     assert [s.shape for s in batch.strong] == [(2, 3, 33, 33)] * 2
@@ -350,9 +352,9 @@ def test_scale_range_one_keeps_the_pixels(decoded):
     for _ in range(10):
         if decoded == "pil":
             pil = Image.fromarray(image.permute(1, 2, 0).numpy()), Image.fromarray(mask.numpy(), mode="L")
-            out, out_mask = augment.crop_pair(*pil, 33, augment.IGNORE, (1.0, 1.0))
+            out, out_mask = augment.crop_pair(*pil, 33, reference.IGNORE, (1.0, 1.0))
         else:
-            out, out_mask = augment.crop_pair(image, mask, 33, augment.IGNORE, (1.0, 1.0))
+            out, out_mask = augment.crop_pair(image, mask, 33, reference.IGNORE, (1.0, 1.0))
         found = out[0].long() + 256 * out[1].long()
         if found[0, 0] > found[0, 1]:
             found, out_mask = found.flip(-1), out_mask.flip(-1)

@@ -22,12 +22,15 @@ def _loaders(cfg):
     return build_loaders(cfg, resolve_split(cfg.data), views, dist.context(use_gpu=False), 2)
 
 
+def _every(loaders):
+    return (loaders.labeled, loaders.unlabeled, loaders.mix, loaders.val)
+
+
 def test_loaders_with_workers_time_out_as_configured(tiny_config):
     loaders = _loaders(tiny_config(data={"num_workers": 1, "loader_timeout_s": 7.5}))
-    every = (loaders.labeled, loaders.unlabeled, loaders.mix, loaders.val)
-    assert [loader.timeout for loader in every] == [7.5] * 4
+    assert [loader.timeout for loader in _every(loaders)] == [7.5] * 4
     # Without worker processes nothing is waited for: torch would ignore a timeout, so none is set.
-    assert {loader.timeout for loader in vars(_loaders(tiny_config())).values()} == {0}
+    assert {loader.timeout for loader in _every(_loaders(tiny_config()))} == {0}
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,10 @@
-"""Per-sample augmentation of UniMatch / MSPL: shared geometry, then photometric ops on image tensors.
+"""The loader's half of UniMatch / MSPL augmentation: geometry per sample, and each strong view's
+random parameters drawn per sample; `trainers.batch_augment` builds the views from them, batched.
 
 Geometry works on pairs `(image, mask) -> (image, mask)` and keeps mask values as class ids: PIL pairs
 (the seed's path), or uint8 tensors from torchvision.io (`fast.decode`), drawing the same random numbers.
-The photometric ops are plain functions of a uint8 or [0, 1] float tensor, (3, H, W) or (B, 3, H, W),
-and of parameters drawn by `draw_photometric`; `trainers.fast` applies the same parameters batched, one
-per sample, on the training device.
-Randomness comes from Python's `random` and torch's global RNG (DataLoader workers seed both).
+`trainers.augment_reference` applies the same parameters per sample, as the seed does.
+Randomness comes from Python's `random` and, for cutout values, torch's (DataLoader workers seed both).
 """
 
 from __future__ import annotations
@@ -21,12 +20,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
-from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
+from trainers.batch import LabeledBatch, ViewSpec
 from trainers.config import SCALE_RANGE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE = 255
 UNLABELED_PAD = 254
 """Mask fill of unlabeled crops, so that padding can later be told apart (-> ignore mask)."""
 BOX_AREA = (0.02, 0.4)
@@ -59,7 +57,7 @@ def resize(image: Image.Image, mask: Image.Image, ratio_range: tuple[float, floa
     return image.resize(size, Image.Resampling.BILINEAR), mask.resize(size, Image.Resampling.NEAREST)
 
 
-def crop(image: Image.Image, mask: Image.Image, size: int, mask_fill: int = IGNORE) -> Pair:
+def crop(image: Image.Image, mask: Image.Image, size: int, mask_fill: int) -> Pair:
     """Pad right/bottom up to `size` (image 0, mask `mask_fill`), then take a random size x size crop."""
     w, h = image.size
     border = (0, 0, max(size - w, 0), max(size - h, 0))
@@ -194,13 +192,7 @@ def draw_cutmix(size: int, p: float = BOX_P) -> Box | None:
     return None if random.random() > p else draw_box(size, size)
 
 
-def cutmix_box(size: int, p: float = BOX_P) -> torch.Tensor:
-    """A (size, size) int64 0/1 CutMix mask; all zeros with probability 1 - p."""
-    box = draw_cutmix(size, p)
-    return torch.zeros(size, size, dtype=torch.int64) if box is None else box.mask(size, size)
-
-
-# ---- photometric ops (tensors; per-sample parameters) ----
+# ---- photometric parameters (one draw per sample and view) ----
 
 
 @dataclass(frozen=True)
@@ -240,55 +232,6 @@ def draw_photometric(height: int, width: int, cutout: bool) -> Photometric:
     return Photometric(jitter, gray, sigma, box)
 
 
-def color_jitter(image: torch.Tensor, jitter: Jitter) -> torch.Tensor:
-    """Apply brightness, contrast, saturation and hue in the drawn order."""
-    ops = (
-        lambda x: TF.adjust_brightness(x, jitter.brightness),
-        lambda x: TF.adjust_contrast(x, jitter.contrast),
-        lambda x: TF.adjust_saturation(x, jitter.saturation),
-        lambda x: TF.adjust_hue(x, jitter.hue),
-    )
-    for index in jitter.order:
-        image = ops[index](image)
-    return image
-
-
-def grayscale(image: torch.Tensor) -> torch.Tensor:
-    """Luma copied to all three channels."""
-    return TF.rgb_to_grayscale(image, num_output_channels=3)
-
-
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur with standard deviation `sigma` (PIL's GaussianBlur radius), kernel +-3 sigma."""
-    k = 2 * math.ceil(3 * sigma) + 1
-    return TF.gaussian_blur(image, kernel_size=[k, k], sigma=[sigma, sigma])
-
-
-def cutout(image: torch.Tensor, box: Box) -> torch.Tensor:
-    """A copy of `image` whose box holds uniform random values per pixel and channel.
-
-    MSPL draws U(0, 255) and truncates to uint8, i.e. integers 0..254; float images get them / 255.
-    """
-    out = image.clone()
-    region = out[..., box.top : box.top + box.height, box.left : box.left + box.width]
-    values = torch.randint(0, 255, region.shape, device=image.device)
-    region.copy_(values if not image.is_floating_point() else values / 255.0)
-    return out
-
-
-def photometric(image: torch.Tensor, params: Photometric) -> torch.Tensor:
-    """MSPL's strong-view order: jitter, grayscale, blur, cutout. Never modifies `image` in place."""
-    if params.jitter is not None:
-        image = color_jitter(image, params.jitter)
-    if params.grayscale:
-        image = grayscale(image)
-    if params.blur_sigma is not None:
-        image = gaussian_blur(image, params.blur_sigma)
-    if params.cutout is not None:
-        image = cutout(image, params.cutout)
-    return image
-
-
 def to_unit(image: torch.Tensor) -> torch.Tensor:
     """uint8 -> float in [0, 1] (torchvision's ToTensor scaling)."""
     return image.float().div(255)
@@ -299,7 +242,7 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     return TF.normalize(image, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
-# ---- per-sample transforms and collation ----
+# ---- the loaders' transforms and collation ----
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -314,42 +257,53 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(mask)[0].long()
 
 
+def draw_noise(box: Box | None) -> torch.Tensor | None:
+    """A cutout box's (3, h, w) uint8 values: MSPL's U(0, 255) truncated, i.e. 0..254; None without a box.
+
+    Drawn from torch's RNG in the loader, in the order the seed's per-sample cutout draws them."""
+    if box is None:
+        return None
+    return torch.randint(0, 255, (3, box.height, box.width), dtype=torch.uint8)
+
+
 def labeled_transform(
-    crop_size: int, scale_range: tuple[float, float] = SCALE_RANGE
-) -> Callable[[Image.Image, Image.Image], dict]:
-    """Labeled sample -> {"image": normalized (3, crop, crop), "mask": int64 (crop, crop), 255 = ignore}."""
+    crop_size: int, ignore_index: int, scale_range: tuple[float, float] = SCALE_RANGE
+) -> Callable[[Image.Image | torch.Tensor, Image.Image | torch.Tensor], dict]:
+    """Labeled sample -> uint8 crop and uint8 mask, `ignore_index` where padded (finished batched)."""
 
     def transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor) -> dict:
-        image, mask = crop_pair(image, mask, crop_size, IGNORE, scale_range)
-        return {"image": normalize(to_unit(image)), "mask": mask}
+        image, mask = crop_pair(image, mask, crop_size, ignore_index, scale_range)
+        return {"image": image, "mask": mask.to(torch.uint8)}
 
     return transform
 
 
 def unlabeled_transform(
-    crop_size: int, views: ViewSpec, scale_range: tuple[float, float] = SCALE_RANGE
-) -> Callable[[Image.Image, Image.Image], dict]:
-    """Unlabeled sample -> the weak view, the strong views and boxes `views` asks for, the ignore mask."""
+    crop_size: int, views: ViewSpec, ignore_index: int, scale_range: tuple[float, float] = SCALE_RANGE
+) -> Callable[[Image.Image | torch.Tensor, Image.Image | torch.Tensor | None], dict]:
+    """Unlabeled sample -> uint8 crop, padding mask and the parameters of the views `views` asks for,
+    drawn in the order the seed draws them (`augment_reference.unlabeled_transform`)."""
 
     def transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor | None) -> dict:
         base, mask = crop_pair(image, mask, crop_size, UNLABELED_PAD, scale_range)
-        strong, boxes = [], []
+        strong, noise, boxes = [], [], []
         for _ in range(views.strong_views):
-            params = draw_photometric(crop_size, crop_size, cutout=views.cutout)
-            strong.append(normalize(to_unit(photometric(base, params))))
-            boxes.append(cutmix_box(crop_size))
-        cutout_view = None
+            strong.append(draw_photometric(crop_size, crop_size, cutout=views.cutout))
+            noise.append(draw_noise(strong[-1].cutout))
+            boxes.append(draw_cutmix(crop_size))
+        cutout_view = cutout_view_noise = None
         if views.cutout_view:
-            view = to_unit(photometric(base, draw_photometric(crop_size, crop_size, cutout=True)))
-            # The published quirk: this view is only scaled to [0, 1] unless the switch corrects it.
-            cutout_view = normalize(view) if views.cutout_view_normalized else view
-        ignore = torch.where(mask == UNLABELED_PAD, IGNORE, 0)
+            cutout_view = draw_photometric(crop_size, crop_size, cutout=True)
+            cutout_view_noise = draw_noise(cutout_view.cutout)
         return {
-            "weak": normalize(to_unit(base)),
+            "base": base,
+            "ignore": torch.where(mask == UNLABELED_PAD, ignore_index, 0).to(torch.uint8),
             "strong": strong,
+            "strong_noise": noise,
             "boxes": boxes,
-            "ignore": ignore,
             "cutout_view": cutout_view,
+            "cutout_view_noise": cutout_view_noise,
+            "cutout_view_normalized": views.cutout_view_normalized,
         }
 
     return transform
@@ -371,20 +325,4 @@ def collate_labeled(items: list[dict]) -> LabeledBatch:
     return LabeledBatch(
         image=torch.stack([item["image"] for item in items]),
         mask=torch.stack([item["mask"] for item in items]),
-    )
-
-
-def collate_unlabeled(items: list[dict]) -> UnlabeledBatch:
-    """Stack unlabeled samples view by view into an UnlabeledBatch."""
-
-    def stack(key: str, index: int | None = None) -> torch.Tensor:
-        return torch.stack([item[key] if index is None else item[key][index] for item in items])
-
-    first = items[0]
-    return UnlabeledBatch(
-        weak=stack("weak"),
-        strong=[stack("strong", i) for i in range(len(first["strong"]))],
-        boxes=[stack("boxes", i) for i in range(len(first["boxes"]))],
-        ignore=stack("ignore"),
-        cutout_view=None if first["cutout_view"] is None else stack("cutout_view"),
     )

@@ -218,8 +218,9 @@ class FastConfig:
     autocast_bf16: bool | None = None
     """bf16 autocast for training steps and evaluation; null = on GPU only."""
     device_augment: bool | None = None
-    """Strong views' photometric ops run batched on the training device with per-sample parameters
-    drawn in the loader workers; null = on GPU only (on CPU the workers run them in parallel)."""
+    """Where the strong views are built (batched, from per-sample parameters drawn in the loader
+    workers): on the training device after the copy, or in the workers' collate; null = on GPU only
+    (on CPU the workers build them in parallel with the step)."""
     decode: str = "torchvision"
     """Image decoding and geometry: torchvision (torchvision.io + uint8 tensor ops) or pil (the seed's)."""
     foreach: bool = True

@@ -6,12 +6,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from trainers import augment, fast
+from trainers import augment, speed
 from trainers.batch import ViewSpec
+from trainers.batch_augment import collate_raw_labeled, collate_raw_unlabeled, finished
 from trainers.config import TrainConfig
-from trainers.datasets import PairDataset, SplitFiles, empty_lists, repeat_to
+from trainers.datasets import PairDataset, SplitFiles, dataset_spec, empty_lists, repeat_to
 from trainers.dist import DistContext
 from trainers.errors import DataError
 
@@ -23,6 +25,15 @@ class Loaders:
     mix: DataLoader | None
     """u': the second unlabeled loader that supplies CutMix patches."""
     val: DataLoader
+    device_augment: bool
+    """True: training batches arrive raw and `place` builds their views on the device."""
+
+    def place(self, batch: Any, device: torch.device) -> Any:
+        """A training batch (or None) on `device`, its views built there if they arrived raw."""
+        if batch is None:
+            return None
+        batch = batch.to(device, non_blocking=True)
+        return batch.finish() if self.device_augment else batch
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed every distributed sampler so each epoch has its own shuffle."""
@@ -53,32 +64,11 @@ def _nones() -> Iterator[None]:
         yield None
 
 
-@dataclass(frozen=True)
-class Pipeline:
-    """Transforms and collates of the training loaders: the per-sample reference path, or raw samples
-    (uint8 crops and drawn parameters) that `trainers.fast.to_device` finishes on the device."""
-
-    labeled_transform: Callable[..., Any]
-    unlabeled_transform: Callable[..., Any]
-    collate_labeled: Callable[..., Any]
-    collate_unlabeled: Callable[..., Any]
-
-
-def pipeline(device_augment: bool) -> Pipeline:
-    """The training loaders' transforms and collates for `fast.device_augment`."""
+def collates(device_augment: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The labeled and unlabeled collates: views built in the loader, or left raw for the device."""
     if device_augment:
-        return Pipeline(
-            fast.raw_labeled_transform,
-            fast.raw_unlabeled_transform,
-            fast.collate_raw_labeled,
-            fast.collate_raw_unlabeled,
-        )
-    return Pipeline(
-        augment.labeled_transform,
-        augment.unlabeled_transform,
-        augment.collate_labeled,
-        augment.collate_unlabeled,
-    )
+        return collate_raw_labeled, collate_raw_unlabeled
+    return finished(collate_raw_labeled), finished(collate_raw_unlabeled)
 
 
 def build_loaders(
@@ -87,8 +77,9 @@ def build_loaders(
     """Build the loaders of one process (`check_epoch` first: see trainers.loop.preflight); samplers
     shard by rank and reshuffle per epoch."""
     root, crop = cfg.data.root, cfg.data.crop_size
-    switches = fast.settings(cfg.fast, ctx.device)
-    parts = pipeline(switches.device_augment)
+    switches = speed.settings(cfg.fast, ctx.device)
+    collate_labeled, collate_unlabeled = collates(switches.device_augment)
+    ignore_index = dataset_spec(cfg.data).ignore_index
     common = dict(
         batch_size=batch_size,
         num_workers=cfg.data.num_workers,
@@ -108,23 +99,24 @@ def build_loaders(
     labeled = PairDataset(
         root,
         repeat_to(split.labeled, n),
-        parts.labeled_transform(crop, cfg.data.scale_range),
+        augment.labeled_transform(crop, ignore_index, cfg.data.scale_range),
         decode=switches.decode,
     )
     unlabeled_loader = mix_loader = None
     if views.strong_views:
         # Unlabeled masks are never read (UniMatch does the same): only the padding matters.
-        transform = parts.unlabeled_transform(crop, views, cfg.data.scale_range)
+        transform = augment.unlabeled_transform(crop, views, ignore_index, cfg.data.scale_range)
         unlabeled = PairDataset(root, split.unlabeled, transform, with_masks=False, decode=switches.decode)
-        unlabeled_loader = loader(unlabeled, cfg.seed, parts.collate_unlabeled)
+        unlabeled_loader = loader(unlabeled, cfg.seed, collate_unlabeled)
         if views.mix_batch:
             # The published loop zips the same loader twice: same sampler seed, so u' holds the
             # same images as u in the same order (only augmented anew). The switch draws u'
             # from an independent permutation instead.
             mix_seed = cfg.seed + 1 if views.independent_mix else cfg.seed
-            mix_loader = loader(unlabeled, mix_seed, parts.collate_unlabeled)
-    labeled_loader = loader(labeled, cfg.seed, parts.collate_labeled)
-    return Loaders(labeled_loader, unlabeled_loader, mix_loader, val_loader(cfg, split, ctx, switches.decode))
+            mix_loader = loader(unlabeled, mix_seed, collate_unlabeled)
+    labeled_loader = loader(labeled, cfg.seed, collate_labeled)
+    val = val_loader(cfg, split, ctx, switches.decode)
+    return Loaders(labeled_loader, unlabeled_loader, mix_loader, val, switches.device_augment)
 
 
 def val_loader(cfg: TrainConfig, split: SplitFiles, ctx: DistContext, decode: str) -> DataLoader:

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from trainers import checkpoint as ckpt
-from trainers import dist, fast
+from trainers import dist, speed
 from trainers.backbones import BACKBONES
 from trainers.config import TrainConfig, choice
 from trainers.data import Loaders, build_loaders, check_epoch, steps_per_epoch
@@ -66,7 +66,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     loaders: Loaders
     scaling: Scaling
-    switches: fast.FastSettings
+    switches: speed.FastSettings
     iters: int
     """Optimizer steps per epoch."""
 
@@ -143,8 +143,8 @@ def assemble(cfg: TrainConfig) -> Run:
     checked = preflight(cfg, ctx.world_size)
     spec, split, method = checked.spec, checked.split, checked.method
     net = build_network(cfg)
-    switches = fast.settings(cfg.fast, ctx.device)
-    net = fast.prepare_network(net.to(ctx.device), switches)
+    switches = speed.settings(cfg.fast, ctx.device)
+    net = speed.prepare_network(net.to(ctx.device), switches)
     forwarder = Forwarder(net)
     extra = method.setup(net)
     if extra is not None:
@@ -244,9 +244,8 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> dict[str, float]:
 
 def train_step(run: Run, batches: tuple, iteration: int) -> dict[str, torch.Tensor]:
     """One optimizer step at `iteration` (0-based, over the whole run); returns the detached terms."""
-    # Raw batches (fast.device_augment) get their strong views built on the device here.
-    labeled, unlabeled, mix = (fast.to_device(b, run.ctx.device) for b in batches)
-    with fast.autocast(run.switches, run.ctx.device):
+    labeled, unlabeled, mix = (run.loaders.place(b, run.ctx.device) for b in batches)
+    with speed.autocast(run.switches, run.ctx.device):
         out = run.method.step(run.model, labeled, unlabeled, mix)
     run.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -265,7 +264,7 @@ def train_step(run: Run, batches: tuple, iteration: int) -> dict[str, torch.Tens
 def validate(run: Run, progress: bool) -> EvalResult:
     """mIoU of the network on val, each rank scoring its share (BatchNorm buffers of rank 0 first)."""
     dist.broadcast_buffers(run.net)
-    with fast.autocast(run.switches, run.ctx.device):
+    with speed.autocast(run.switches, run.ctx.device):
         return evaluate(
             run.net,
             run.loaders.val,

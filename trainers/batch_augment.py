@@ -1,15 +1,13 @@
-"""The fast path: its switches resolved for a device, and strong views built batched on the device.
+"""The strong views, built batched: each sample's parameters were drawn in the loader
+(`trainers.augment`), and one `finish` turns a raw batch into the method's batch wherever it lives.
 
-With `fast.device_augment` the loader workers only decode, crop and draw each sample's random parameters
-(`raw_unlabeled_transform`); after the copy to the device, `to_device` applies the photometric ops to
-the whole batch, each sample with its own parameters. Every batched op computes what the per-sample op
-of `trainers.augment` computes (same formulas, same uint8 rounding; the blur is separable, which moves
-a rare pixel by 1), so the switch moves the work, not the result. benchmarks/ measures what it saves.
+`fast.device_augment` chooses where: in the loader's collate (CPU) or after the copy to the training
+device (GPU). Every batched op computes what the seed's per-sample op (`trainers.augment_reference`)
+computes: same formulas, same uint8 rounding; the blur is separable, which moves a rare pixel by 1.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -18,58 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from trainers import augment
-from trainers.augment import IGNORE, UNLABELED_PAD, Box, Photometric
-from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec, map_tensors
-from trainers.config import FastConfig
-
-
-@dataclass(frozen=True)
-class FastSettings:
-    """`FastConfig` with every null resolved for one device."""
-
-    channels_last: bool
-    autocast_bf16: bool
-    device_augment: bool
-    decode: str
-    foreach: bool
-    compile: bool
-
-
-def settings(cfg: FastConfig, device: torch.device) -> FastSettings:
-    """Resolve the nulls of `cfg` for `device` (FastConfig documents each default)."""
-    gpu = device.type == "cuda"
-
-    def pick(value: bool | None, default: bool) -> bool:
-        return default if value is None else value
-
-    return FastSettings(
-        channels_last=pick(cfg.channels_last, True),
-        autocast_bf16=pick(cfg.autocast_bf16, gpu),
-        device_augment=pick(cfg.device_augment, gpu),
-        decode=cfg.decode,
-        foreach=cfg.foreach,
-        compile=cfg.compile,
-    )
-
-
-def autocast(fast: FastSettings, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device` when switched on; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast.autocast_bf16)
-
-
-def prepare_network(net: nn.Module, fast: FastSettings) -> nn.Module:
-    """`net` in channels_last and with its parts compiled, as switched; parameters keep their identity."""
-    if fast.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    if fast.compile:
-        # Parts, not the whole: methods call encode/decode directly (feature perturbation).
-        for part in (net.backbone, net.head, net.reduce, net.fuse):
-            part.compile()
-    return net
-
+from trainers.augment import Box, Photometric
+from trainers.batch import LabeledBatch, UnlabeledBatch, map_tensors
 
 # ---- photometric ops on (B, 3, H, W) uint8 batches, one parameter per sample ----
 
@@ -152,7 +102,7 @@ def _hsv_table(device: torch.device) -> torch.Tensor:
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """torchvision's 1-D Gaussian kernel (float32) for `augment.gaussian_blur`'s size 2·ceil(3σ) + 1."""
+    """torchvision's 1-D Gaussian kernel (float32), size 2·ceil(3σ) + 1 like the reference blur."""
     size = 2 * math.ceil(3 * sigma) + 1
     lim = (size - 1) / (2.0 * math.sqrt(2.0))
     x = torch.linspace(-lim, lim, steps=size, dtype=torch.float32)
@@ -186,10 +136,14 @@ class ViewParams:
     blur_rows: torch.Tensor
     kernels: torch.Tensor
     """(len(blur_rows), K) 1-D kernels, zero-padded to the widest."""
+    noise: list[torch.Tensor | None]
+    """Per sample, the (3, h, w) uint8 values of its cutout box (`augment.draw_noise`), or None."""
 
     @classmethod
-    def of(cls, params: Sequence[Photometric]) -> ViewParams:
-        """Tensors for the batched ops from each sample's drawn parameters."""
+    def of(
+        cls, params: Sequence[Photometric], noise: Sequence[torch.Tensor | None] | None = None
+    ) -> ViewParams:
+        """Tensors for the batched ops from each sample's drawn parameters (and cutout values)."""
         identity = augment.Jitter((0, 1, 2, 3), 1.0, 1.0, 1.0, 0.0)
         jitters = [p.jitter or identity for p in params]
         values = [[j.brightness, j.contrast, j.saturation, j.hue] for j in jitters]
@@ -216,11 +170,12 @@ class ViewParams:
             gray_rows=torch.tensor([i for i, p in enumerate(params) if p.grayscale], dtype=torch.int64),
             blur_rows=torch.tensor(blurred, dtype=torch.int64),
             kernels=padded,
+            noise=list(noise),
         )
 
 
 def photometric_batch(images: torch.Tensor, view: ViewParams) -> torch.Tensor:
-    """`augment.photometric` of every sample with its own parameters: jitter, grayscale, blur, cutout."""
+    """`augment_reference.photometric` of each sample with its own parameters: jitter, gray, blur, cutout."""
     out = images.clone()
     for op, rows in view.steps:
         ratio, rest = view.factors[rows, op].view(-1, 1, 1, 1), view.rests[rows, op].view(-1, 1, 1, 1)
@@ -229,11 +184,10 @@ def photometric_batch(images: torch.Tensor, view: ViewParams) -> torch.Tensor:
         out[view.gray_rows] = _luma(out[view.gray_rows]).to(torch.uint8).expand(-1, 3, -1, -1)
     if len(view.blur_rows):
         out[view.blur_rows] = blur_batch(out[view.blur_rows], view.kernels)
-    for i, params in enumerate(view.params):
+    for i, (params, noise) in enumerate(zip(view.params, view.noise, strict=True)):
         box = params.cutout
         if box is not None:
-            region = out[i, :, box.top : box.top + box.height, box.left : box.left + box.width]
-            region.copy_(torch.randint(0, 255, region.shape, device=out.device))
+            out[i, :, box.top : box.top + box.height, box.left : box.left + box.width] = noise
     return out
 
 
@@ -264,7 +218,7 @@ class RawLabeledBatch(_Movable):
     image: torch.Tensor
     """(B, 3, H, W) uint8."""
     mask: torch.Tensor
-    """(B, H, W) uint8 class ids, 255 = ignore."""
+    """(B, H, W) uint8 class ids, the dataset's ignore index where unlabeled or padded."""
 
     def finish(self) -> LabeledBatch:
         """The normalized LabeledBatch, computed where this batch lives."""
@@ -276,7 +230,7 @@ class RawUnlabeledBatch(_Movable):
     base: torch.Tensor
     """(B, 3, H, W) uint8 crops: the weak view before normalization."""
     ignore: torch.Tensor
-    """(B, H, W) uint8: 255 where the crop was padded."""
+    """(B, H, W) uint8: the dataset's ignore index where the crop was padded, 0 elsewhere."""
     strong: list[ViewParams]
     boxes: list[list[Box | None]]
     """Per strong view, each sample's CutMix box."""
@@ -284,7 +238,7 @@ class RawUnlabeledBatch(_Movable):
     cutout_view_normalized: bool
 
     def finish(self) -> UnlabeledBatch:
-        """The UnlabeledBatch of `augment.unlabeled_transform`, computed where this batch lives."""
+        """The views of `augment_reference.unlabeled_transform`, built where this batch lives."""
         size = self.base.shape[-1]
 
         def view(params: ViewParams) -> torch.Tensor:
@@ -303,53 +257,6 @@ class RawUnlabeledBatch(_Movable):
         )
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move a batch (or None) to `device`; a raw batch is then finished there."""
-    if batch is None:
-        return None
-    batch = batch.to(device, non_blocking=True)
-    return batch.finish() if isinstance(batch, (RawLabeledBatch, RawUnlabeledBatch)) else batch
-
-
-def raw_labeled_transform(
-    crop_size: int, scale_range: tuple[float, float] = augment.SCALE_RANGE
-) -> Callable[[Any, Any], dict]:
-    """Labeled sample -> uint8 crop and mask (normalized on the device)."""
-
-    def transform(image: Any, mask: Any) -> dict:
-        image, mask = augment.crop_pair(image, mask, crop_size, IGNORE, scale_range)
-        return {"image": image, "mask": mask.to(torch.uint8)}
-
-    return transform
-
-
-def raw_unlabeled_transform(
-    crop_size: int, views: ViewSpec, scale_range: tuple[float, float] = augment.SCALE_RANGE
-) -> Callable[[Any, Any], dict]:
-    """Unlabeled sample -> uint8 crop, padding mask, and the views' parameters, drawn in the same order
-    as `augment.unlabeled_transform` draws them."""
-
-    def transform(image: Any, mask: Any) -> dict:
-        base, mask = augment.crop_pair(image, mask, crop_size, UNLABELED_PAD, scale_range)
-        strong, boxes = [], []
-        for _ in range(views.strong_views):
-            strong.append(augment.draw_photometric(crop_size, crop_size, cutout=views.cutout))
-            boxes.append(augment.draw_cutmix(crop_size))
-        cutout_view = None
-        if views.cutout_view:
-            cutout_view = augment.draw_photometric(crop_size, crop_size, cutout=True)
-        return {
-            "base": base,
-            "ignore": torch.where(mask == UNLABELED_PAD, IGNORE, 0).to(torch.uint8),
-            "strong": strong,
-            "boxes": boxes,
-            "cutout_view": cutout_view,
-            "cutout_view_normalized": views.cutout_view_normalized,
-        }
-
-    return transform
-
-
 def collate_raw_labeled(items: list[dict]) -> RawLabeledBatch:
     """Stack raw labeled samples."""
     return RawLabeledBatch(torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items]))
@@ -361,10 +268,22 @@ def collate_raw_unlabeled(items: list[dict]) -> RawUnlabeledBatch:
     return RawUnlabeledBatch(
         base=torch.stack([i["base"] for i in items]),
         ignore=torch.stack([i["ignore"] for i in items]),
-        strong=[ViewParams.of([i["strong"][v] for i in items]) for v in range(len(first["strong"]))],
+        strong=[
+            ViewParams.of([i["strong"][v] for i in items], [i["strong_noise"][v] for i in items])
+            for v in range(len(first["strong"]))
+        ],
         boxes=[[i["boxes"][v] for i in items] for v in range(len(first["boxes"]))],
         cutout_view=None
         if first["cutout_view"] is None
-        else ViewParams.of([i["cutout_view"] for i in items]),
+        else ViewParams.of([i["cutout_view"] for i in items], [i["cutout_view_noise"] for i in items]),
         cutout_view_normalized=first["cutout_view_normalized"],
     )
+
+
+def _finish(collate: Callable[[list[dict]], Any], items: list[dict]) -> Any:
+    return collate(items).finish()
+
+
+def finished(collate: Callable[[list[dict]], Any]) -> Callable[[list[dict]], Any]:
+    """`collate` followed by `finish`: the views built in the loader (a partial, so workers can pickle it)."""
+    return functools.partial(_finish, collate)
