@@ -176,10 +176,12 @@ def run_one(cfg: TrainConfig, spec: RunSpec, keep_checkpoints: bool = False) -> 
 
 
 def _iterations(cfg: TrainConfig, epochs: int) -> int:
-    """Optimizer steps run: per epoch, one pass over the unlabeled list (labeled repeated to it)."""
+    """Optimizer steps run (`trainers.data.steps_per_epoch` per epoch)."""
     split = resolve_split(cfg.data)
     cap = cfg.optim.max_iters_per_epoch
-    return steps_per_epoch(len(split.labeled), len(split.unlabeled), 1, cfg.optim.batch_size, cap) * epochs
+    labeled_epoch = cfg.data.epoch_over == "labeled"
+    images = len(split.labeled), len(split.unlabeled)
+    return steps_per_epoch(*images, 1, cfg.optim.batch_size, cap, labeled_epoch) * epochs
 
 
 def run_spec(args: argparse.Namespace, data: Path, spec: RunSpec) -> RunResult:

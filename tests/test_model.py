@@ -4,9 +4,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainers.backbones import BACKBONES
+from trainers.config import ConfigError, TrainConfig, from_dict
 from trainers.forward import feature_perturbed
 from trainers.model import DeepLabV3Plus
 
@@ -102,6 +104,34 @@ def test_resnet_dilates_only_the_last_stage():
     layer4 = built("resnet50").backbone.layer4
     assert layer4[0].conv2.stride == (1, 1) and layer4[0].conv2.dilation == (1, 1)
     assert all(block.conv2.dilation == (2, 2) for block in layer4[1:])
+
+
+@pytest.mark.parametrize(("output_stride", "dilate"), [(16, [False, False, True]), (8, [False, True, True])])
+def test_resnet_strides_and_dilations_are_torchvisions(output_stride, dilate):
+    # Block by block the 3x3 convs of torchvision's replace_stride_with_dilation, and the same weights.
+    ours = DeepLabV3Plus("resnet50_tv", 21, output_stride=output_stride).backbone
+    theirs = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=dilate)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        pairs = zip(getattr(ours, stage), getattr(theirs, stage), strict=True)
+        assert all(
+            (a.conv2.stride, a.conv2.dilation, a.conv2.padding)
+            == (b.conv2.stride, b.conv2.dilation, b.conv2.padding)
+            for a, b in pairs
+        ), stage
+    shapes = {k: v.shape for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == shapes
+    with torch.no_grad():
+        assert ours(torch.randn(1, 3, 64, 64))[1].shape[-1] == 64 // output_stride
+
+
+def test_an_output_stride_a_backbone_lacks_is_one_config_error():
+    with pytest.raises(
+        ConfigError, match="model.output_stride: backbone tiny has output stride 16 only, got 8"
+    ):
+        DeepLabV3Plus("tiny", 21, output_stride=8)
+    assert DeepLabV3Plus("small", 21, output_stride=8).backbone.output_stride == 8
+    with pytest.raises(ConfigError, match="model.output_stride: expected 8, 16 or null, got 4"):
+        from_dict(TrainConfig, {"model": {"output_stride": 4}})
 
 
 def test_odd_input_sizes_give_logits_at_input_size():

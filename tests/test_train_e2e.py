@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainers.batch import ViewSpec
+from trainers.config import ConfigError
 from trainers.data import build_loaders, steps_per_epoch
 from trainers.datasets import DataError, resolve_split
 from trainers.dist import DistContext, context
@@ -48,6 +50,31 @@ def test_steps_per_epoch_is_what_the_real_loaders_yield(name, world_size, batch_
             sum(1 for _ in loaders.epoch()) == steps == len(loaders.labeled) == 12 // world_size // batch_size
         )
     assert steps_per_epoch(4, 0, 1, 2) == 2 and steps_per_epoch(4, 12, 1, 2, cap=3) == 3
+
+
+@pytest.mark.parametrize(("world_size", "batch_size"), [(1, 2), (1, 3), (3, 1), (3, 2)])
+def test_a_labeled_epoch_is_one_padded_pass_over_the_labeled_list(world_size, batch_size, tiny_config):
+    # UniMatch's supervised.py: a padded DistributedSampler over the labeled list, whole batches;
+    # every labeled image is seen once per epoch (4 labeled images; 3 ranks pad to 6).
+    cfg = tiny_config(method={"name": "supervised"}, data={"epoch_over": "labeled"})
+    split = resolve_split(cfg.data)
+    steps = steps_per_epoch(
+        len(split.labeled), len(split.unlabeled), world_size, batch_size, labeled_epoch=True
+    )
+    assert steps == -(-4 // world_size) // batch_size
+    seen = set()
+    for rank in range(world_size):
+        ctx = DistContext(rank, world_size, rank, torch.device("cpu"))
+        loaders = build_loaders(cfg, split, ViewSpec(), ctx, batch_size)
+        assert sum(1 for _ in loaders.epoch()) == steps == len(loaders.labeled)
+        seen.update(loaders.labeled.sampler)
+    assert seen == set(range(4)), "the ranks' shards cover the labeled list"
+
+
+def test_a_labeled_epoch_is_refused_for_a_method_with_unlabeled_images(tiny_config):
+    cfg = tiny_config(method={"name": "fixmatch"}, data={"epoch_over": "labeled"})
+    with pytest.raises(ConfigError, match="data.epoch_over: 'labeled' is for methods without unlabeled"):
+        train_local(cfg, progress=False)
 
 
 def test_one_batch_is_memorised_by_the_real_step(tiny_config):

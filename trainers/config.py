@@ -28,6 +28,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCALE_RANGE = (0.5, 2.0)
 """UniMatch's random rescale: the long side becomes U(0.5, 2.0) x itself (`data.scale_range`)."""
 DECODERS = ("pil", "torchvision")
+EPOCHS = ("unlabeled", "labeled")
 MAX_SEED = 2**31 - 1
 """NumPy takes seeds below 2**32; the headroom covers the per-rank and per-epoch offsets added to it."""
 
@@ -54,6 +55,11 @@ class DataConfig:
     [1.0, 1.0] keeps the size, for data whose generator already varies the scale (configs/synthetic.yaml)."""
     eval_mode: str | None = None
     """original | center_crop | sliding_window; default: the dataset's."""
+    epoch_over: str = "unlabeled"
+    """What one epoch passes over: `unlabeled`, the unlabeled list with the labeled one repeated to its
+    length (UniMatch's protocol for every method, unimatch.py); or `labeled`, the labeled list once,
+    sharded with padding as torch's DistributedSampler does (UniMatch's supervised.py:130-141: 11 steps
+    per epoch at 92 labels on 4 GPUs x 2). `labeled` is for methods without unlabeled images."""
     num_workers: int = 2
     """DataLoader worker processes per training process."""
     loader_timeout_s: float = 300.0
@@ -78,6 +84,8 @@ class DataConfig:
             )
         if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
             raise ConfigError(f"data.eval_mode: expected one of {EVAL_MODES}, got {self.eval_mode!r}")
+        if self.epoch_over not in EPOCHS:
+            raise ConfigError(f"data.epoch_over: expected one of {EPOCHS}, got {self.epoch_over!r}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,14 @@ class ModelConfig:
     pretrained: str | None = None
     """Backbone weights file (UniMatch or torchvision format); null trains from scratch."""
     dilations: tuple[int, int, int] = (6, 12, 18)
-    """ASPP atrous rates at output stride 16."""
+    """ASPP atrous rates: UniMatch's 6/12/18 at output stride 16; the OS8 recipes use 12/24/36."""
+    output_stride: int | None = None
+    """8 or 16 for the ResNets (8 dilates stage 3 as well: U2PL's, ST++'s and PS-MT's DeepLabV3+);
+    null = the backbone's own (16; 8 for small)."""
+
+    def __post_init__(self) -> None:
+        if self.output_stride not in (None, 8, 16):
+            raise ConfigError(f"model.output_stride: expected 8, 16 or null, got {self.output_stride!r}")
 
 
 @dataclass(frozen=True)

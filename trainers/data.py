@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from trainers import augment, speed
 from trainers.batch import ViewSpec
 from trainers.batch_augment import collate_raw_labeled, collate_raw_unlabeled, finished
-from trainers.config import TrainConfig
+from trainers.config import ConfigError, TrainConfig
 from trainers.datasets import PairDataset, SplitFiles, dataset_spec, empty_lists, repeat_to
 from trainers.dist import DistContext
 from trainers.errors import DataError
@@ -49,13 +50,22 @@ class Loaders:
 
 
 def steps_per_epoch(
-    num_labeled: int, num_unlabeled: int, world_size: int, batch_size: int, cap: int | None = None
+    num_labeled: int,
+    num_unlabeled: int,
+    world_size: int,
+    batch_size: int,
+    cap: int | None = None,
+    labeled_epoch: bool = False,
 ) -> int:
     """Optimizer steps in one epoch of `build_loaders`' loaders: one pass over the unlabeled list (the
-    labeled one repeated to its length, for every method: UniMatch's protocol), or over the labeled list
-    when a split has no unlabeled one; sharded over the ranks and in whole batches, both dropping the rest;
-    at most `cap` (optim.max_iters_per_epoch)."""
-    steps = (num_unlabeled or num_labeled) // world_size // batch_size
+    labeled one repeated to its length: UniMatch's protocol), or over the labeled list when a split has
+    no unlabeled one, sharded over the ranks and in whole batches, both dropping the rest; with
+    `labeled_epoch` (data.epoch_over: labeled) one pass over the labeled list, sharded with padding as
+    UniMatch's supervised.py does; at most `cap` (optim.max_iters_per_epoch)."""
+    if labeled_epoch:
+        steps = math.ceil(num_labeled / world_size) // batch_size
+    else:
+        steps = (num_unlabeled or num_labeled) // world_size // batch_size
     return steps if cap is None else min(steps, cap)
 
 
@@ -89,13 +99,14 @@ def build_loaders(
         timeout=loader_timeout(cfg),
     )
 
-    def loader(dataset: PairDataset, seed: int, collate: Callable[..., Any]) -> DataLoader:
+    def loader(dataset: PairDataset, seed: int, collate: Callable[..., Any], pad: bool = False) -> DataLoader:
         sampler = DistributedSampler(
-            dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True
+            dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=not pad
         )
         return DataLoader(dataset, sampler=sampler, collate_fn=collate, **common)
 
-    n = len(split.unlabeled) if split.unlabeled else len(split.labeled)
+    labeled_epoch = cfg.data.epoch_over == "labeled"
+    n = len(split.unlabeled) if split.unlabeled and not labeled_epoch else len(split.labeled)
     labeled = PairDataset(
         root,
         repeat_to(split.labeled, n),
@@ -114,7 +125,7 @@ def build_loaders(
             # from an independent permutation instead.
             mix_seed = cfg.seed + 1 if views.independent_mix else cfg.seed
             mix_loader = loader(unlabeled, mix_seed, collate_unlabeled)
-    labeled_loader = loader(labeled, cfg.seed, collate_labeled)
+    labeled_loader = loader(labeled, cfg.seed, collate_labeled, pad=labeled_epoch)
     val = val_loader(cfg, split, ctx, switches.decode)
     return Loaders(labeled_loader, unlabeled_loader, mix_loader, val, switches.device_augment)
 
@@ -137,17 +148,31 @@ def loader_timeout(cfg: TrainConfig) -> float:
     return cfg.data.loader_timeout_s if cfg.data.num_workers > 0 else 0.0
 
 
-def check_epoch(split: SplitFiles, views: ViewSpec, method: str, world_size: int, batch_size: int) -> None:
-    """One DataError naming the list when an epoch would have no step (samplers and loaders drop the
-    last partial batch): an empty unlabeled list for a method that needs one, or too few images."""
+def check_epoch(
+    split: SplitFiles,
+    views: ViewSpec,
+    method: str,
+    world_size: int,
+    batch_size: int,
+    epoch_over: str = "unlabeled",
+) -> None:
+    """One error naming the key or list when an epoch would have no step (loaders drop the last partial
+    batch): a labeled epoch for a method with unlabeled images, an empty unlabeled list for a method that
+    needs one, or too few images."""
+    if views.strong_views and epoch_over == "labeled":
+        raise ConfigError(
+            f"data.epoch_over: 'labeled' is for methods without unlabeled images; {method} trains on "
+            "unlabeled ones (an epoch passes over the unlabeled list)"
+        )
     if views.strong_views:
         problems = empty_lists(split, ("unlabeled",), f"method {method} trains on unlabeled images")
         if problems:
             raise DataError(str(problems[0]))
     # The epoch is one pass over the unlabeled list (the labeled one repeated to match) when there is one.
-    what = "unlabeled" if split.unlabeled else "labeled"
+    what = "unlabeled" if split.unlabeled and epoch_over == "unlabeled" else "labeled"
     pairs, file = split.lists()[what]
-    if len(pairs) // world_size < batch_size:
+    padded = epoch_over == "labeled"
+    if steps_per_epoch(len(pairs), 0, world_size, batch_size, labeled_epoch=padded) == 0:
         raise DataError(
             f"{what}: {file}: {len(pairs)} images, fewer than one batch of {batch_size} per worker x "
             f"{world_size} worker(s): an epoch would have no step (lower optim.batch_size)"

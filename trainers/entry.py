@@ -91,7 +91,8 @@ def _stage_plan(cfg: TrainConfig, images: tuple[int, int] | None, world_size: in
         except DataError:
             return StagePlan(cfg.out_dir, cfg.optim.epochs, None, scaling.global_batch)
     cap = cfg.optim.max_iters_per_epoch
-    steps = steps_per_epoch(*images, world_size, scaling.per_worker_batch, cap)
+    labeled_epoch = cfg.data.epoch_over == "labeled"
+    steps = steps_per_epoch(*images, world_size, scaling.per_worker_batch, cap, labeled_epoch)
     return StagePlan(cfg.out_dir, cfg.optim.epochs, steps, scaling.global_batch)
 
 

@@ -132,7 +132,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Checked:
     split = resolve_split(cfg.data)
     check_split_for_training(cfg.data.root, split, spec.num_classes, spec.ignore_index)
     batch = scale(cfg.optim, world_size).per_worker_batch
-    check_epoch(split, method.views, cfg.method.name, world_size, batch)
+    check_epoch(split, method.views, cfg.method.name, world_size, batch, cfg.data.epoch_over)
     return Checked(spec, split, method)
 
 
@@ -169,6 +169,7 @@ def assemble(cfg: TrainConfig) -> Run:
             ctx.world_size,
             scaling.per_worker_batch,
             cfg.optim.max_iters_per_epoch,
+            labeled_epoch=cfg.data.epoch_over == "labeled",
         ),
     )
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.backbones import BACKBONES
-from trainers.config import choice
+from trainers.backbones import BACKBONES, DILATABLE
+from trainers.config import ConfigError, choice
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -66,12 +66,33 @@ class ASPP(nn.Module):
         return self.project(torch.cat(branches, dim=1))
 
 
-class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ on a named backbone of `trainers.backbones.BACKBONES` (output stride 16)."""
+def build_backbone(name: str, output_stride: int | None) -> nn.Module:
+    """The named backbone at `output_stride` (None: its own); one ConfigError for a stride it lacks."""
+    factory = choice("model.backbone", name, BACKBONES)
+    if name in DILATABLE and output_stride is not None:
+        return factory(output_stride=output_stride)
+    net = factory()
+    if output_stride not in (None, net.output_stride):
+        raise ConfigError(
+            f"model.output_stride: backbone {name} has output stride {net.output_stride} only, got "
+            f"{output_stride} (8 or 16: one of {list(DILATABLE)})"
+        )
+    return net
 
-    def __init__(self, backbone: str, num_classes: int, dilations: Sequence[int] = (6, 12, 18)) -> None:
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ on a named backbone of `trainers.backbones.BACKBONES` at its output stride (16; 8 for
+    `small`), or at `output_stride` 8 or 16 for the ResNets."""
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        dilations: Sequence[int] = (6, 12, 18),
+        output_stride: int | None = None,
+    ) -> None:
         super().__init__()
-        self.backbone = choice("model.backbone", backbone, BACKBONES)()
+        self.backbone = build_backbone(backbone, output_stride)
         low, high = self.backbone.low_channels, self.backbone.high_channels
         reduce, fuse = self.backbone.reduce_channels, self.backbone.fuse_channels
         self.head = ASPP(high, high // 8, dilations)
@@ -80,7 +101,7 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(fuse, num_classes, 1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features (c1 at stride 4, c4 at stride 16)."""
+        """Backbone features (c1 at stride 4, c4 at the output stride)."""
         return self.backbone(x)
 
     def decode(self, c1: torch.Tensor, c4: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

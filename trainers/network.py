@@ -19,7 +19,8 @@ def num_classes(cfg: TrainConfig) -> int:
 
 def build_network(cfg: TrainConfig) -> DeepLabV3Plus:
     """DeepLabV3+ for this config, with backbone weights loaded when a file is configured."""
-    net = DeepLabV3Plus(cfg.model.backbone, num_classes(cfg), tuple(cfg.model.dilations))
+    model = cfg.model
+    net = DeepLabV3Plus(model.backbone, num_classes(cfg), tuple(model.dilations), model.output_stride)
     if cfg.model.pretrained:
         try:
             load_backbone_weights(net.backbone, cfg.model.pretrained)

@@ -2,7 +2,7 @@
 
 c1: stride 4 with `low_channels`; c4: stride `output_stride` (16; 8 for `small`) with
 `high_channels`. `reduce_channels` and `fuse_channels` are the decoder widths the model pairs
-with the backbone.
+with the backbone. The ResNets also build at output stride 8 (`DILATABLE`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from trainers.backbones.small import small
 from trainers.backbones.tiny import tiny
 from trainers.backbones.xception import xception65
 
+DILATABLE = ("resnet50", "resnet101", "resnet50_tv", "resnet101_tv")
+"""Backbones whose factory takes `output_stride` (16 or 8)."""
 BACKBONES = {
     "resnet50": resnet50,
     "resnet101": resnet101,

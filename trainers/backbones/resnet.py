@@ -1,4 +1,4 @@
-"""ResNet-50/101 at output stride 16, returning stage-1 and stage-4 features.
+"""ResNet-50/101 at output stride 16 (or 8), returning stage-1 and stage-4 features.
 
 Two stems: the deep "v1c" stem (three 3x3 convs, 128 channels) of UniMatch's published weights,
 and torchvision's single 7x7 conv. Parameter names match both sources' state dicts.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+OUTPUT_STRIDES = (16, 8)
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -53,16 +55,19 @@ def deep_stem() -> nn.Sequential:
 
 
 class ResNet(nn.Module):
-    """Bottleneck ResNet; `forward(x) -> (c1, c4)` at strides 4 and 16 (last stage dilated)."""
+    """Bottleneck ResNet; `forward(x) -> (c1, c4)` at strides 4 and `output_stride` (16: the last stage
+    dilated, UniMatch's [F, F, T]; 8: the last two, the [F, T, T] of U2PL, ST++ and PS-MT)."""
 
     low_channels = 256
     high_channels = 2048
-    output_stride = 16
     reduce_channels = 48
     fuse_channels = 256
 
-    def __init__(self, depths: tuple[int, int, int, int], deep: bool = True) -> None:
+    def __init__(self, depths: tuple[int, int, int, int], deep: bool = True, output_stride: int = 16) -> None:
         super().__init__()
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"ResNet output stride: expected one of {OUTPUT_STRIDES}, got {output_stride}")
+        self.output_stride = output_stride
         stem_channels = 128 if deep else 64
         self.conv1 = deep_stem() if deep else nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels)
@@ -70,9 +75,14 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         self.layer1 = make_stage(stem_channels, 64, depths[0])
         self.layer2 = make_stage(256, 128, depths[1], stride=2)
-        self.layer3 = make_stage(512, 256, depths[2], stride=2)
-        # Output stride 16: stage 4 keeps the resolution and dilates its later blocks instead.
-        self.layer4 = make_stage(1024, 512, depths[3], first_dilation=1, dilation=2)
+        # A dilated stage keeps the resolution and dilates its later blocks instead of striding; the
+        # next stage starts at the dilation reached (torchvision's replace_stride_with_dilation).
+        if output_stride == 16:
+            self.layer3 = make_stage(512, 256, depths[2], stride=2)
+            self.layer4 = make_stage(1024, 512, depths[3], first_dilation=1, dilation=2)
+        else:
+            self.layer3 = make_stage(512, 256, depths[2], first_dilation=1, dilation=2)
+            self.layer4 = make_stage(1024, 512, depths[3], first_dilation=2, dilation=4)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -94,21 +104,21 @@ def make_stage(
     return nn.Sequential(*layers)
 
 
-def resnet50() -> ResNet:
+def resnet50(output_stride: int = 16) -> ResNet:
     """Deep-stem ResNet-50 (UniMatch's resnet50.pth)."""
-    return ResNet((3, 4, 6, 3))
+    return ResNet((3, 4, 6, 3), output_stride=output_stride)
 
 
-def resnet101() -> ResNet:
+def resnet101(output_stride: int = 16) -> ResNet:
     """Deep-stem ResNet-101 (UniMatch's resnet101.pth)."""
-    return ResNet((3, 4, 23, 3))
+    return ResNet((3, 4, 23, 3), output_stride=output_stride)
 
 
-def resnet50_tv() -> ResNet:
+def resnet50_tv(output_stride: int = 16) -> ResNet:
     """ResNet-50 with torchvision's 7x7 stem (torchvision's ImageNet weights)."""
-    return ResNet((3, 4, 6, 3), deep=False)
+    return ResNet((3, 4, 6, 3), deep=False, output_stride=output_stride)
 
 
-def resnet101_tv() -> ResNet:
+def resnet101_tv(output_stride: int = 16) -> ResNet:
     """ResNet-101 with torchvision's 7x7 stem (torchvision's ImageNet weights)."""
-    return ResNet((3, 4, 23, 3), deep=False)
+    return ResNet((3, 4, 23, 3), deep=False, output_stride=output_stride)
