@@ -10,12 +10,11 @@ mean loss is over the same pixel count and the mean of the means is the mean ove
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed
 import torch.multiprocessing as mp
+from gloo import gloo_group
 
 from trainers import dist
 from trainers.batch import LabeledBatch
@@ -54,16 +53,10 @@ def train(rank: int, world: int) -> dict[str, torch.Tensor]:
 
 
 def ddp_worker(rank: int, world: int, folder: str) -> None:
-    # Two OpenMP threads per process on a loaded 2-core machine spin-wait: 100x slower here.
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
-    )
-    params = train(rank, world)
+    with gloo_group(rank, world, folder):
+        params = train(rank, world)
     if rank == 0:
         torch.save(params, Path(folder) / "params.pt")
-    torch.distributed.destroy_process_group()
 
 
 def test_two_workers_match_one_worker_with_the_whole_batch(tmp_path):

@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+from gloo import gloo_group
 from torch import nn
 
+from trainers import dist
 from trainers.batch import LabeledBatch, UnlabeledBatch
 from trainers.config import MethodConfig, load_config
 from trainers.forward import Forwarder
@@ -246,3 +249,83 @@ def test_pascal_config_has_the_published_settings():
         50,
         0.5,
     )
+
+
+def orthogonal_loss(tilt: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, rep): class 0's pixel at (1, tilt), class 1's at (0, 1); each queue holds the other's axis.
+
+    The teacher is sure of the labels, so the batch adds no negatives.
+    """
+    label = torch.tensor([[[0, 1]]])
+    rep = torch.tensor([[1.0, 0.0], [tilt, 1.0]]).view(1, 2, 1, 2).requires_grad_(True)
+    prob = torch.tensor([[0.9, 0.1], [0.1, 0.9]]).view(1, 2, 1, 2)
+    mask = torch.ones(1, 1, 2, dtype=torch.bool)
+    queues = MemoryQueues([10, 10], 2, torch.device("cpu"))
+    # Set, not pushed: under DDP a push would gather both ranks' copies.
+    queues.keys = [torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])]
+    cfg = Contrast(low_rank=1, num_queries=4, num_negatives=3, temperature=0.5)
+    return contrastive_loss(rep, rep.detach(), prob, label, mask, mask, 1, queues, cfg, IGNORE), rep
+
+
+def ddp_worker(rank: int, world: int, folder: str) -> None:
+    """Queues, contrastive loss and one real semi-supervised step on rank-specific data."""
+    with gloo_group(rank, world, folder):
+        queues = MemoryQueues([10, 3], 1, torch.device("cpu"))
+        queues.push(0, torch.arange(3.0 if rank == 0 else 1.0).view(-1, 1) + 10 * rank)
+        queues.push(1, torch.arange(1.0 if rank == 0 else 3.0).view(-1, 1) + 10 * rank)
+        loss, rep = orthogonal_loss(tilt=rank / 2)
+        loss.backward()
+        step = ddp_step(rank)
+    result = {"queues": queues.keys, "loss": loss.detach(), "grad": rep.grad, **step}
+    torch.save(result, Path(folder) / f"{rank}.pt")
+
+
+def ddp_step(rank: int) -> dict[str, object]:
+    """One U2PL semi-supervised step under DDP (same weights, rank-specific batches): its queues and term."""
+    torch.manual_seed(0)
+    random.seed(rank)
+    settings = U2PLSettings(rep_dim=8, contrast=Contrast(num_queries=8, num_negatives=4))
+    method = U2PL(build_criterion(MethodConfig(criterion="ce"), IGNORE), IGNORE, settings)
+    net = DeepLabV3Plus("tiny", 3)
+    forwarder = Forwarder(net).train()
+    forwarder.extra = method.setup(net)
+    model = dist.wrap(forwarder, dist.context(use_gpu=False))
+    method.after_step(2, 2, 8)  # epoch 1: past the supervised epoch
+    out = method.step(model, *batches(torch.Generator().manual_seed(rank + 1)), None)
+    out.loss.backward()
+    return {"step_queues": method.queues.keys, "loss_contrast": out.terms["loss_contrast"]}
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """What each of 2 gloo ranks computed (ddp_worker), by rank."""
+    folder = tmp_path_factory.mktemp("u2pl_ddp")
+    mp.spawn(ddp_worker, args=(2, str(folder)), nprocs=2)
+    return [torch.load(folder / f"{rank}.pt") for rank in range(2)]
+
+
+def test_ddp_queues_hold_every_ranks_keys_in_rank_order(ddp_results):
+    # Class 0: rank 0 pushed [0, 1, 2], rank 1 [10]; class 1 (size 3): [0] then [10, 11, 12].
+    for rank, result in enumerate(ddp_results):
+        assert result["queues"][0].flatten().tolist() == [0.0, 1.0, 2.0, 10.0], f"rank {rank}"
+        assert result["queues"][1].flatten().tolist() == [10.0, 11.0, 12.0], f"rank {rank}"
+
+
+def test_ddp_contrastive_loss_is_the_mean_over_ranks_with_the_own_gradient_halved(ddp_results):
+    alone = [orthogonal_loss(tilt=rank / 2) for rank in range(2)]
+    assert alone[0][0].item() != pytest.approx(alone[1][0].item())  # the ranks' losses differ
+    mean = (alone[0][0].item() + alone[1][0].item()) / 2
+    for rank, (loss, rep) in enumerate(alone):
+        assert ddp_results[rank]["loss"].item() == pytest.approx(mean, rel=1e-6)
+        loss.backward()
+        # As published: all_reduce then / world size, the all_reduce passing the own gradient through.
+        torch.testing.assert_close(ddp_results[rank]["grad"], rep.grad / 2)
+
+
+def test_a_ddp_step_logs_one_contrastive_loss_and_keeps_one_queue(ddp_results):
+    first, second = ddp_results
+    assert first["loss_contrast"].item() != 0.0
+    assert torch.equal(first["loss_contrast"], second["loss_contrast"])
+    assert sum(len(keys) for keys in first["step_queues"]) > 0
+    for a, b in zip(first["step_queues"], second["step_queues"], strict=True):
+        assert torch.equal(a, b)

@@ -59,8 +59,45 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average a tensor over all processes."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return all_reduce_sum(tensor) / world
+    return all_reduce_sum(tensor) / _world_size()
+
+
+def all_reduce_mean_own_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over processes, differentiated as this process's own / world size.
+
+    What an in-place all_reduce (which autograd passes straight through) then / world size gives
+    (U2PL's train_semi.py:514-519). Identity in one process.
+    """
+    world = _world_size()
+    if world == 1:
+        return tensor
+    # t − t.detach() is exactly zero: the value is the reduced mean, the gradient the own one / world.
+    return (all_reduce_sum(tensor.detach()) + tensor - tensor.detach()) / world
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor` concatenated along dim 0 in rank order (identity in one process).
+
+    The processes' row counts may differ: the counts travel first, then the rows padded to the longest.
+    """
+    world = _world_size()
+    if world == 1:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    rows = torch.cat(counts).tolist()
+    if max(rows) == 0:
+        return tensor
+    padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:n] for part, n in zip(gathered, rows, strict=True)])
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def broadcast_buffers(module: nn.Module) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers import losses
+from trainers import dist, losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
 from trainers.config import ConfigError, MethodConfig, at_least, positive, within
 from trainers.methods.base import Method, StepOutput
@@ -106,15 +106,25 @@ def negative_masks(
 
 
 class MemoryQueues:
-    """One FIFO queue of (n, dim) negative features per class, keeping the newest `sizes[c]`."""
+    """One FIFO queue of (n, dim) negative features per class, keeping the newest `sizes[c]`.
+
+    Under DDP every process pushes every process's keys (rank order), so the queues stay equal.
+    """
 
     def __init__(self, sizes: list[int], dim: int, device: torch.device) -> None:
         self.sizes = sizes
         self.keys = [torch.zeros(0, dim, device=device) for _ in sizes]
 
     def push(self, c: int, keys: torch.Tensor) -> None:
-        """Append `keys` to class c's queue and drop the oldest beyond its size."""
-        self.keys[c] = torch.cat([self.keys[c], keys.detach()])[-self.sizes[c] :]
+        """Append every process's `keys` to class c's queue and drop the oldest beyond its size.
+
+        Every process must push every class, in the same order: the keys are all-gathered as
+        published (u2pl/utils/utils.py:28-33).
+        """
+        size = self.sizes[c]
+        # No more than the newest `size` of one process's keys can survive the trim: send no more.
+        gathered = dist.all_gather_cat(keys.detach()[-size:])
+        self.keys[c] = torch.cat([self.keys[c], gathered])[-size:]
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,8 @@ def contrastive_loss(
     masks (B, h, w). Per class c with reliable pixels: `num_queries` anchors (reliable, label c,
     p_t(c) > δ_p) against the mean teacher feature of those pixels and `num_negatives` keys each
     from c's queue; averaged over those classes. Fewer than two such classes: zero.
+    Under DDP, as published (train_semi.py:514-519): the mean over processes, whose gradient is
+    this process's own / world size.
     """
     classes = torch.arange(prob_t.shape[1], device=rep.device).view(1, -1, 1, 1)
     is_class = (label.unsqueeze(1) == classes) & (label.unsqueeze(1) != ignore_index)
@@ -168,8 +180,21 @@ def contrastive_loss(
     feats, feats_t = rep.permute(0, 2, 3, 1), rep_t.detach().permute(0, 2, 3, 1)
     for c in range(prob_t.shape[1]):
         queues.push(c, feats_t[negative[:, c]])
-    present = [c for c in range(prob_t.shape[1]) if positive[:, c].any()]
-    zero = 0.0 * rep.sum()
+    # A collective: every process reduces, also one whose loss is zero (fewer than two classes).
+    return dist.all_reduce_mean_own_grad(_class_infonce(feats, feats_t, positive, anchor, queues, cfg))
+
+
+def _class_infonce(
+    feats: torch.Tensor,
+    feats_t: torch.Tensor,
+    positive: torch.Tensor,
+    anchor: torch.Tensor,
+    queues: MemoryQueues,
+    cfg: Contrast,
+) -> torch.Tensor:
+    """This process's contrastive loss: the mean InfoNCE over the classes with positives (B, C, h, w)."""
+    present = [c for c in range(positive.shape[1]) if positive[:, c].any()]
+    zero, device = 0.0 * feats.sum(), feats.device
     if len(present) <= 1:
         return zero
     total = zero
@@ -177,8 +202,8 @@ def contrastive_loss(
         anchors, keys = feats[anchor[:, c]], queues.keys[c]
         if len(anchors) == 0 or len(keys) == 0:
             continue
-        query = anchors[torch.randint(len(anchors), (cfg.num_queries,), device=rep.device)]
-        negatives = keys[torch.randint(len(keys), (cfg.num_queries * cfg.num_negatives,), device=rep.device)]
+        query = anchors[torch.randint(len(anchors), (cfg.num_queries,), device=device)]
+        negatives = keys[torch.randint(len(keys), (cfg.num_queries * cfg.num_negatives,), device=device)]
         prototype = feats_t[positive[:, c]].mean(dim=0)
         candidates = torch.cat(
             [
@@ -188,9 +213,7 @@ def contrastive_loss(
             dim=1,
         )
         logits = F.cosine_similarity(query.unsqueeze(1), candidates, dim=2) / cfg.temperature
-        total = total + F.cross_entropy(
-            logits, torch.zeros(cfg.num_queries, dtype=torch.long, device=rep.device)
-        )
+        total = total + F.cross_entropy(logits, torch.zeros(cfg.num_queries, dtype=torch.long, device=device))
     return total / len(present)
 
 
