@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from trainers.config import ConfigError, OptimConfig
+from trainers.model import DeepLabV3Plus
 from trainers.optim import build_optimizer, poly_lr, scale, set_lr
 
 
@@ -47,6 +48,32 @@ def test_backbone_and_head_groups():
     set_lr(opt, 0.002, 10.0)
     assert [g["lr"] for g in opt.param_groups] == [0.002, pytest.approx(0.02)]
     assert isinstance(opt, torch.optim.SGD)
+
+
+def published_group_weight(module: nn.Module) -> tuple[list, list]:
+    """PS-MT's group_weight (VocCode/Utils/helpers.py:38-68), by module type: (decay, no decay)."""
+    decay, no_decay = [], []
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            decay.append(m.weight)
+            no_decay += [m.bias] if m.bias is not None else []
+        elif isinstance(m, nn.BatchNorm2d):
+            no_decay += [m.weight, m.bias]
+    return decay, no_decay
+
+
+def test_without_norm_and_bias_decay_the_groups_are_psmts():
+    net = DeepLabV3Plus("tiny", 3)
+    opt = build_optimizer(net, OptimConfig(decay_norm_and_bias=False), lr=0.01)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 1e-4, 0.0, 0.0]
+    decay, no_decay = published_group_weight(net.backbone)
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in decay}
+    assert {id(p) for p in opt.param_groups[2]["params"]} == {id(p) for p in no_decay}
+    decay, no_decay = published_group_weight(net)
+    assert {id(p) for g in opt.param_groups[:2] for p in g["params"]} == {id(p) for p in decay}
+    assert {id(p) for g in opt.param_groups[2:] for p in g["params"]} == {id(p) for p in no_decay}
+    set_lr(opt, 0.002, 10.0)
+    assert [g["lr"] for g in opt.param_groups] == [0.002, pytest.approx(0.02), 0.002, pytest.approx(0.02)]
 
 
 def test_adamw_keeps_the_groups_and_steps_like_torch_adamw():

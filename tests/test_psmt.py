@@ -154,7 +154,27 @@ def batches(g: torch.Generator, batch: int = 2) -> tuple[LabeledBatch, Unlabeled
     box = torch.zeros(batch, SIZE, SIZE, dtype=torch.long)
     strong = [torch.randn(batch, 3, SIZE, SIZE, generator=g)]
     unlabeled = UnlabeledBatch(torch.randn(batch, 3, SIZE, SIZE, generator=g), strong, [box], ignore)
-    return LabeledBatch(torch.randn(batch, 3, SIZE, SIZE, generator=g), mask), unlabeled
+    image_l, strong_l = torch.randn(2, batch, 3, SIZE, SIZE, generator=g)
+    return LabeledBatch(image_l, mask, strong_l), unlabeled
+
+
+@pytest.mark.parametrize("view", ["strong", "weak"])
+def test_the_labeled_loss_is_on_the_configured_view(view):
+    # PS-MT's student learns the strongly augmented labeled image (VocCode/train.py:154, 206).
+    g = torch.Generator().manual_seed(1)
+    method = make(warmup_epochs=1, labeled_view=view)
+    net = DeepLabV3Plus("tiny", 3)
+    method.setup(net)
+    labeled, unlabeled = batches(g)
+    out = method.step(Forwarder(net).train(), labeled, unlabeled, None)
+    image = labeled.strong if view == "strong" else labeled.image
+    expected = method.criterion_l(net(image), labeled.mask)
+    assert out.terms["loss_x"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert method.views.labeled_strong == (view == "strong")
+    with pytest.raises(ValueError, match="labeled_view strong needs the labeled batch's strong view"):
+        make(labeled_view="strong").step(
+            Forwarder(net).train(), LabeledBatch(image, labeled.mask), unlabeled, None
+        )
 
 
 def test_one_real_step_in_warmup_and_semi_phases():

@@ -267,13 +267,15 @@ def draw_noise(box: Box | None) -> torch.Tensor | None:
 
 
 def labeled_transform(
-    crop_size: int, ignore_index: int, scale_range: tuple[float, float] = SCALE_RANGE
+    crop_size: int, ignore_index: int, scale_range: tuple[float, float] = SCALE_RANGE, strong: bool = False
 ) -> Callable[[Image.Image | torch.Tensor, Image.Image | torch.Tensor], dict]:
-    """Labeled sample -> uint8 crop and uint8 mask, `ignore_index` where padded (finished batched)."""
+    """Labeled sample -> uint8 crop and uint8 mask, `ignore_index` where padded (finished batched), and
+    with `strong` (PS-MT) a strong view's parameters."""
 
     def transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor) -> dict:
         image, mask = crop_pair(image, mask, crop_size, ignore_index, scale_range)
-        return {"image": image, "mask": mask.to(torch.uint8)}
+        params = draw_photometric(crop_size, crop_size, cutout=False) if strong else None
+        return {"image": image, "mask": mask.to(torch.uint8), "strong": params}
 
     return transform
 

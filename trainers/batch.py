@@ -25,6 +25,8 @@ class ViewSpec:
     """Needs the second unlabeled batch u' that supplies CutMix patches."""
     independent_mix: bool = False
     """False reproduces the published quirk: u' holds the same images as u, in the same order."""
+    labeled_strong: bool = False
+    """PS-MT: also build a strong view (jitter, grayscale, blur; no box) of each labeled crop."""
 
 
 @dataclass
@@ -33,6 +35,8 @@ class LabeledBatch:
     """(B, 3, H, W) float, ImageNet-normalized."""
     mask: torch.Tensor
     """(B, H, W) int64 class ids, 255 = ignore (also crop padding)."""
+    strong: torch.Tensor | None = None
+    """(B, 3, H, W) like `image`, the strong view `ViewSpec.labeled_strong` asks for; else None."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LabeledBatch:
         return _to(self, device, non_blocking)

@@ -219,10 +219,15 @@ class RawLabeledBatch(_Movable):
     """(B, 3, H, W) uint8."""
     mask: torch.Tensor
     """(B, H, W) uint8 class ids, the dataset's ignore index where unlabeled or padded."""
+    strong: ViewParams | None = None
+    """The strong view's parameters (`ViewSpec.labeled_strong`), or None."""
 
     def finish(self) -> LabeledBatch:
-        """The normalized LabeledBatch, computed where this batch lives."""
-        return LabeledBatch(augment.normalize(augment.to_unit(self.image)), self.mask.long())
+        """The normalized LabeledBatch (and its strong view), computed where this batch lives."""
+        strong = None
+        if self.strong is not None:
+            strong = augment.normalize(augment.to_unit(photometric_batch(self.image, self.strong)))
+        return LabeledBatch(augment.normalize(augment.to_unit(self.image)), self.mask.long(), strong)
 
 
 @dataclass
@@ -258,8 +263,12 @@ class RawUnlabeledBatch(_Movable):
 
 
 def collate_raw_labeled(items: list[dict]) -> RawLabeledBatch:
-    """Stack raw labeled samples."""
-    return RawLabeledBatch(torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items]))
+    """Stack raw labeled samples (and their strong views' parameters)."""
+    strong = None
+    if items[0]["strong"] is not None:
+        strong = ViewParams.of([i["strong"] for i in items], [None] * len(items))
+    image, mask = torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
+    return RawLabeledBatch(image, mask, strong)
 
 
 def collate_raw_unlabeled(items: list[dict]) -> RawUnlabeledBatch:

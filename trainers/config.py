@@ -203,6 +203,9 @@ class OptimConfig:
     """Head learning rate = lr * lr_multi."""
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = True
+    """False: no weight decay on BatchNorm parameters and biases (PS-MT's `group_weight`,
+    VocCode/Utils/helpers.py:38-68); UniMatch decays every parameter."""
     poly_power: float = 0.9
     reference_global_batch: int = 8
     """Global batch the lr was tuned for (the seed: 4 GPUs x 2)."""

@@ -110,7 +110,7 @@ def build_loaders(
     labeled = PairDataset(
         root,
         repeat_to(split.labeled, n),
-        augment.labeled_transform(crop, ignore_index, cfg.data.scale_range),
+        augment.labeled_transform(crop, ignore_index, cfg.data.scale_range, strong=views.labeled_strong),
         decode=switches.decode,
     )
     unlabeled_loader = mix_loader = None

@@ -41,11 +41,19 @@ def build_optimizer(
     net: nn.Module, cfg: OptimConfig, lr: float, foreach: bool | None = None, extra: nn.Module | None = None
 ) -> torch.optim.Optimizer:
     """`cfg.optimizer` (SGD, the papers'; or AdamW): backbone parameters at `lr`; everything else, and a
-    method's `extra` modules (a projection head), at `lr * lr_multi` (group 1)."""
+    method's `extra` modules (a projection head), at `lr * lr_multi`. Groups alternate backbone, head;
+    without `decay_norm_and_bias` a second pair holds their 1-D parameters at weight decay 0."""
     backbone = [p for n, p in net.named_parameters() if n.startswith("backbone.")]
     head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
     head += [] if extra is None else list(extra.parameters())
     groups = [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * cfg.lr_multi}]
+    if not cfg.decay_norm_and_bias:
+        # PS-MT's group_weight: BatchNorm weights and every bias are 1-D; conv and linear weights are not.
+        groups += [
+            {**g, "params": [p for p in g["params"] if p.ndim <= 1], "weight_decay": 0.0} for g in groups
+        ]
+        for group in groups[:2]:
+            group["params"] = [p for p in group["params"] if p.ndim > 1]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, foreach=foreach)
     return torch.optim.SGD(
@@ -59,6 +67,6 @@ def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, lr_multi: float) -> None:
-    """Set the backbone group to `lr` and the head group to `lr * lr_multi`."""
-    optimizer.param_groups[0]["lr"] = lr
-    optimizer.param_groups[1]["lr"] = lr * lr_multi
+    """Set the backbone groups (even) to `lr` and the head groups (odd) to `lr * lr_multi`."""
+    for index, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr if index % 2 == 0 else lr * lr_multi

@@ -19,7 +19,7 @@ from torch import nn
 
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import MethodConfig, at_least, positive, within
+from trainers.config import ConfigError, MethodConfig, at_least, positive, within
 from trainers.forward import plain
 from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
@@ -103,6 +103,9 @@ def psmt_box(height: int, width: int, lam: float) -> torch.Tensor:
     return out
 
 
+LABELED_VIEWS = ("strong", "weak")
+
+
 @dataclass(frozen=True)
 class PSMTSettings:
     """PS-MT's own `method:` keys; defaults from VocCode/configs/config_deeplab_v3+.json (Pascal)."""
@@ -111,6 +114,9 @@ class PSMTSettings:
     """Final unlabeled weight (`unsupervised_w`): 0.06 for the 92-label split, 0.6 from 183, as published."""
     warmup_epochs: int = 5
     """Labeled-only epochs; then both teachers take the student's weights."""
+    labeled_view: str = "strong"
+    """The labeled image the student learns from: `strong` (jitter, grayscale, blur; PS-MT's
+    VocCode/train.py:154 in warm-up and :206 after, Base/base_dataset.py:132-153), or `weak`."""
     rampup_epochs: float = 12.0
     """Epochs of the cosine ramp of weight_u after warm-up (0 = full weight at once)."""
     ema_keep: float = 0.996
@@ -129,6 +135,10 @@ class PSMTSettings:
         within(self, "method", 0.0, 1.0, "ema_keep", "gamma")
         at_least(self, "method", 1, "assist_topk")
         positive(self, "method", "xi", "eps")
+        if self.labeled_view not in LABELED_VIEWS:
+            raise ConfigError(
+                f"method.labeled_view: expected one of {LABELED_VIEWS}, got {self.labeled_view!r}"
+            )
 
 
 @dataclass
@@ -138,10 +148,13 @@ class PSMT(Method):
     ignore_index: int
     settings: PSMTSettings = field(default_factory=PSMTSettings)
     settings_type: ClassVar[type] = PSMTSettings
-    views: ViewSpec = field(default_factory=lambda: ViewSpec(strong_views=1))
     clock: Clock = field(default_factory=Clock)
     student: nn.Module | None = field(default=None, repr=False)
     teachers: list[EMATeacher] = field(default_factory=list, repr=False)
+
+    @property
+    def views(self) -> ViewSpec:
+        return ViewSpec(strong_views=1, labeled_strong=self.settings.labeled_view == "strong")
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, ignore_index: int) -> PSMT:
@@ -186,15 +199,18 @@ class PSMT(Method):
             # Driven by hand (not by the loop): set up from the wrapped network.
             self.setup(student_network(model))
         semi_epoch = self.clock.epoch - self.settings.warmup_epochs
+        image_l = labeled.strong if self.settings.labeled_view == "strong" else labeled.image
+        if image_l is None:
+            raise ValueError("psmt: labeled_view strong needs the labeled batch's strong view")
         if semi_epoch < 0:
-            loss_x = self.criterion_l(model(plain, labeled.image), labeled.mask)
+            loss_x = self.criterion_l(model(plain, image_l), labeled.mask)
             zero = torch.zeros((), device=loss_x.device)
             terms = {"loss": loss_x, "loss_x": loss_x, "loss_u": zero, "weight_u": zero, "mask_ratio": zero}
             return StepOutput(loss_x, detached(terms))
 
         target = self._ensemble(unlabeled.weak, self._current(semi_epoch))
         image, target, ignore = self._cutmix(unlabeled.strong[0], target, unlabeled.ignore)
-        pred_x = model(self._perturbed, labeled.image)
+        pred_x = model(self._perturbed, image_l)
         pred_u = model(self._perturbed, image)
         valid = ignore != self.ignore_index
         loss_x = self.criterion_l(pred_x, labeled.mask)
