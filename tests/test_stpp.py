@@ -230,25 +230,27 @@ def test_three_stages_run_select_and_resume(tiny_config):
     reliable = read_list(root / "splits" / "reliable" / "unlabeled.txt")
     unreliable = read_list(root / "splits" / "unreliable" / "unlabeled.txt")
     assert len(reliable) == len(unlabeled) // 2
-    assert sorted(p.image for p in reliable + unreliable) == sorted(p.image for p in unlabeled)
+    assert sorted(reliable + unreliable, key=str) == sorted(unlabeled, key=str)
     assert read_list(root / "splits" / "supervised" / "unlabeled.txt") == []
     assert ckpt.load(root / "stage1" / ckpt.LATEST)["config"]["method"]["name"] == "supervised"
     stage2 = ckpt.load(root / "stage2" / ckpt.LATEST)["config"]
     assert stage2["method"]["teacher"] == str(root / "stage1" / ckpt.BEST)
-    assert stage2["data"]["split_dir"] == str(root / "splits" / "reliable")
+    assert stage2["data"]["split_dir"] == str(root / "splits" / "stage2")
     stage3 = ckpt.load(root / "stage3" / ckpt.LATEST)["config"]
-    assert stage3["data"]["split_dir"] == str(root / "splits" / "all")
+    assert stage3["data"]["split_dir"] == str(root / "splits" / "stage3")
 
     # Stage 2 trains on stage 1's best labels of the reliable images, saved in its folder; stage 3 keeps
     # them and adds stage 2's best labels of the unreliable ones (main.py:122-164).
     first, _ = load_network(root / "stage1" / ckpt.BEST)
-    assert {Path(p.mask).parent for p in reliable} == {root / "stage2" / "pseudo"}
-    by_first = labels_by_hand(first, cfg.data.root, reliable)
-    assert all(torch.equal(a, b) for a, b in zip(saved(reliable), by_first, strict=True))
-    everything = read_list(root / "splits" / "all" / "unlabeled.txt")
+    labeled = read_list(root / "splits" / "stage2" / "unlabeled.txt")
+    assert [p.image for p in labeled] == [p.image for p in reliable]
+    assert {Path(p.mask).parent for p in labeled} == {root / "stage2" / "pseudo"}
+    by_first = labels_by_hand(first, cfg.data.root, labeled)
+    assert all(torch.equal(a, b) for a, b in zip(saved(labeled), by_first, strict=True))
+    everything = read_list(root / "splits" / "stage3" / "unlabeled.txt")
     assert [p.image for p in everything] == [p.image for p in unlabeled]
-    assert set(reliable) <= set(everything)
-    rest = [p for p in everything if p not in reliable]
+    assert set(labeled) <= set(everything)
+    rest = [p for p in everything if p not in labeled]
     assert sorted(p.image for p in rest) == sorted(p.image for p in unreliable)
     assert {Path(p.mask).parent for p in rest} == {root / "stage3" / "pseudo"}
     second, _ = load_network(root / "stage2" / ckpt.BEST)
@@ -259,10 +261,11 @@ def test_three_stages_run_select_and_resume(tiny_config):
     assert [(p.epochs, p.steps_per_epoch) for p in planned] == [(4, 2), (2, 3), (2, 6)]
     steps = [ckpt.load(Path(p.out_dir) / ckpt.LATEST)["iteration"] for p in planned]
     assert steps == [p.epochs * p.steps_per_epoch for p in planned]
-    selected = (root / "splits" / "reliable" / "unlabeled.txt").stat().st_mtime_ns
+    prepared = [root / "splits" / name / "unlabeled.txt" for name in ("reliable", "stage2", "stage3")]
+    written = [path.stat().st_mtime_ns for path in prepared]
     again = train(cfg, progress=False)
     assert again.epochs_run == []  # every stage finished: nothing re-runs
-    assert (root / "splits" / "reliable" / "unlabeled.txt").stat().st_mtime_ns == selected  # nor selection
+    assert [path.stat().st_mtime_ns for path in prepared] == written  # nor selection, nor labelling
 
 
 def test_pascal_config_has_the_published_settings():
@@ -298,7 +301,7 @@ def test_a_run_stopped_after_labelling_resumes_without_relabelling(tiny_config, 
     with pytest.raises(Stopped):
         train(cfg, progress=False)
     pngs = sorted((root / "stage2" / "pseudo").glob("*.png"))
-    assert len(pngs) == 6 and (root / "splits" / "reliable" / "unlabeled.txt").is_file()
+    assert len(pngs) == 6 and (root / "splits" / "stage2" / "unlabeled.txt").is_file()
     written = [p.stat().st_mtime_ns for p in pngs]
 
     folders = []
@@ -326,6 +329,8 @@ def test_stage3_switches(tiny_config, settings):
     assert stage3["method"]["teacher"] == str(root / "stage2" / ckpt.BEST)
     if settings.get("pseudo_labels") == "online":  # the teacher labels crops: no list, no PNG
         assert stage3["data"]["split_dir"] is None and not (root / "stage2" / "pseudo").exists()
+        stage2 = ckpt.load(root / "stage2" / ckpt.LATEST)["config"]
+        assert stage2["data"]["split_dir"] == str(root / "splits" / "reliable")
         return
-    everything = read_list(root / "splits" / "all" / "unlabeled.txt")
+    everything = read_list(root / "splits" / "stage3" / "unlabeled.txt")
     assert {Path(p.mask).parent for p in everything} == {root / "stage3" / "pseudo"}

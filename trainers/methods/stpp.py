@@ -100,8 +100,8 @@ class STPPSettings:
     """False (published, dataset/transform.py:97): the strong view's cutout box is ignored in its target;
     True: the box keeps its pseudo-label."""
     relabel_reliable: bool = False
-    """Offline: False (published, main.py:145-158): stage 3 labels only the unreliable images, by stage 2's
-    model, and the reliable ones keep stage 1's labels; True: stage 3 relabels all (online always does)."""
+    """Offline: False (published, main.py:145-164): stage 3 labels only the unreliable images, by stage 2's
+    best model, the reliable ones keeping stage 1's labels; True: stage 3 relabels all (online: always)."""
 
     def __post_init__(self) -> None:
         choice("method.pseudo_labels", self.pseudo_labels, dict.fromkeys(PSEUDO_LABELS))
@@ -206,9 +206,11 @@ class STPP(Method):
         first = Labelling(stage1 / ckpt.BEST, stage2 / PSEUDO_FOLDER) if settings.offline else None
         second = Labelling(stage2 / ckpt.BEST, root / "stage3" / PSEUDO_FOLDER)
         epochs, images = cfg.optim.epochs, (len(split.labeled), len(split.unlabeled))
-        stage3 = stage_config(
-            cfg, root / "stage3", splits / "all" if settings.offline else None, second.teacher, epochs
-        )
+        # Offline, the stages train on lists of their own (masks: the saved labels), so a selection list
+        # naming the dataset's masks is never read as pseudo-labels.
+        lists = [splits / "stage2", splits / "stage3"] if settings.offline else [splits / "reliable", None]
+        stage2 = stage_config(cfg, stage2, lists[0], stage1 / ckpt.BEST, epochs)
+        stage3 = stage_config(cfg, root / "stage3", lists[1], second.teacher, epochs)
         return [
             Stage(
                 supervised,
@@ -217,15 +219,15 @@ class STPP(Method):
                 images=(len(split.labeled), 0),
             ),
             Stage(
-                stage_config(cfg, stage2, splits / "reliable", stage1 / ckpt.BEST, epochs),
+                stage2,
                 prepare=partial(select_reliable, cfg, checkpoints, splits, first),
-                prepared=splits / "reliable" / "unlabeled.txt",
+                prepared=lists[0] / "unlabeled.txt",
                 images=(images[0], images[1] // 2),  # the more stable half
             ),
             Stage(
                 stage3,
                 prepare=partial(label_rest, cfg, splits, second) if settings.offline else None,
-                prepared=splits / "all" / "unlabeled.txt" if settings.offline else None,
+                prepared=lists[1] / "unlabeled.txt" if settings.offline else None,
                 images=images,
             ),
         ]
@@ -248,27 +250,27 @@ def select_reliable(
     cfg: TrainConfig, checkpoints: Sequence[Path], splits: Path, labelling: Labelling | None
 ) -> None:
     """Before stage 2 (rank 0): the reliable and unreliable lists by the stability under stage 1's
-    `checkpoints` (final last); offline (`labelling`), the reliable images' masks are their saved labels."""
+    `checkpoints` (final last); offline (`labelling`), stage 2's list: the reliable images' saved labels."""
     split = resolve_split(cfg.data)
     device = dist.context().device
     nets = [load_network(path, cfg)[0].to(device) for path in checkpoints]
     scores = score_images(nets, cfg.data.root, split.unlabeled, num_classes(cfg))
     reliable, unreliable = split_reliable(split.unlabeled, scores)
-    if labelling is not None:
-        reliable = labelling.write(cfg, reliable)
     write_split(splits / "unreliable", split.labeled, unreliable)
-    write_split(splits / "reliable", split.labeled, reliable)  # last: the stage's `prepared` marker
+    write_split(splits / "reliable", split.labeled, reliable)  # online: the stage's `prepared` marker
+    if labelling is not None:
+        write_split(splits / "stage2", split.labeled, labelling.write(cfg, reliable))  # offline: the marker
 
 
 def label_rest(cfg: TrainConfig, splits: Path, labelling: Labelling) -> None:
-    """Before stage 3 (rank 0, offline): the unreliable images (all with `relabel_reliable`) labeled by
-    stage 2's best model, the reliable ones keeping stage 1's labels; writes the list of all."""
+    """Before stage 3 (rank 0, offline): stage 3's list, the unreliable images (all with `relabel_reliable`)
+    labeled by stage 2's best model, the reliable ones keeping stage 1's labels (stage 2's list)."""
     split, relabel = resolve_split(cfg.data), cfg.method.settings.relabel_reliable
-    kept = [] if relabel else read_list(splits / "reliable" / "unlabeled.txt")
+    kept = [] if relabel else read_list(splits / "stage2" / "unlabeled.txt")
     todo = split.unlabeled if relabel else read_list(splits / "unreliable" / "unlabeled.txt")
     labeled = {p.image: p for p in kept + labelling.write(cfg, todo)}
     # In the unlabeled list's order: ST++ re-reads that list for stage 3 (main.py:157-158).
-    write_split(splits / "all", split.labeled, [labeled[p.image] for p in split.unlabeled])
+    write_split(splits / "stage3", split.labeled, [labeled[p.image] for p in split.unlabeled])
 
 
 @torch.no_grad()
