@@ -161,9 +161,11 @@ def test_offline_labels_are_the_argmax_of_the_mean_softmax_over_scales_and_flips
     assert not torch.equal(labels, single)  # for this net, the scales change labels
 
 
-def test_written_labels_are_read_back_as_the_unlabeled_targets(tiny_config, tmp_path):
+@pytest.mark.parametrize("device_augment", [False, True], ids=["in_collate", "after_copy"])
+def test_written_labels_are_read_back_as_the_unlabeled_targets(tiny_config, tmp_path, device_augment):
     # Crop = the 40 px images at scale 1: each crop is a whole image, at most mirrored.
-    cfg = tiny_config(method={"name": "stpp"}, data={"crop_size": 40, "scale_range": [1.0, 1.0]})
+    data = {"crop_size": 40, "scale_range": [1.0, 1.0]}
+    cfg = tiny_config(method={"name": "stpp"}, data=data, fast={"device_augment": device_augment})
     net = varied_net()
     split = resolve_split(cfg.data)
     pairs = write_pseudo_labels(net, cfg, split.unlabeled, tmp_path / "pseudo")
