@@ -297,9 +297,11 @@ def unlabeled_transform(
         if views.cutout_view:
             cutout_view = draw_photometric(crop_size, crop_size, cutout=True)
             cutout_view_noise = draw_noise(cutout_view.cutout)
+        padded = mask == UNLABELED_PAD
         return {
             "base": base,
-            "ignore": torch.where(mask == UNLABELED_PAD, ignore_index, 0).to(torch.uint8),
+            "ignore": torch.where(padded, ignore_index, 0).to(torch.uint8),
+            "mask": torch.where(padded, ignore_index, mask).to(torch.uint8) if views.masks else None,
             "strong": strong,
             "strong_noise": noise,
             "boxes": boxes,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # trainers.augment imports this module
+    from trainers.augment import Box
 
 
 @dataclass(frozen=True)
@@ -16,7 +19,7 @@ class ViewSpec:
     strong_views: int = 0
     """Number of strong views with a CutMix box each (0 = no unlabeled data)."""
     cutout: bool = False
-    """MSPL: also apply a random-valued cutout box to each strong view."""
+    """MSPL, ST++: also apply a random-valued cutout box to each strong view."""
     cutout_view: bool = False
     """MSPL: build the third strong view (jitter, grayscale, blur, cutout; no CutMix box)."""
     cutout_view_normalized: bool = False
@@ -27,6 +30,8 @@ class ViewSpec:
     """False reproduces the published quirk: u' holds the same images as u, in the same order."""
     labeled_strong: bool = False
     """PS-MT: also build a strong view (jitter, grayscale, blur; no box) of each labeled crop."""
+    masks: bool = False
+    """ST++ (offline pseudo-labels): read the unlabeled list's masks and crop them with the views."""
 
 
 @dataclass
@@ -54,6 +59,10 @@ class UnlabeledBatch:
     """(B, H, W) int64: 255 where the crop was padded, 0 elsewhere."""
     cutout_view: torch.Tensor | None = None
     """(B, 3, H, W) MSPL's cutout view, or None."""
+    mask: torch.Tensor | None = None
+    """(B, H, W) int64 crops of the unlabeled list's masks (ViewSpec.masks), ignore where padded; or None."""
+    cutouts: list[list[Box | None]] = field(default_factory=list)
+    """Per strong view, each sample's cutout `augment.Box` (None: no cutout), for targets to mask out."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> UnlabeledBatch:
         return _to(self, device, non_blocking)

@@ -241,6 +241,8 @@ class RawUnlabeledBatch(_Movable):
     """Per strong view, each sample's CutMix box."""
     cutout_view: ViewParams | None
     cutout_view_normalized: bool
+    mask: torch.Tensor | None = None
+    """(B, H, W) uint8 crops of the unlabeled list's masks (ViewSpec.masks), or None."""
 
     def finish(self) -> UnlabeledBatch:
         """The views of `augment_reference.unlabeled_transform`, built where this batch lives."""
@@ -259,6 +261,8 @@ class RawUnlabeledBatch(_Movable):
             boxes=[box_masks(b, size, self.base.device) for b in self.boxes],
             ignore=self.ignore.long(),
             cutout_view=cutout_view,
+            mask=None if self.mask is None else self.mask.long(),
+            cutouts=[[p.cutout for p in view.params] for view in self.strong],
         )
 
 
@@ -286,6 +290,7 @@ def collate_raw_unlabeled(items: list[dict]) -> RawUnlabeledBatch:
         if first["cutout_view"] is None
         else ViewParams.of([i["cutout_view"] for i in items], [i["cutout_view_noise"] for i in items]),
         cutout_view_normalized=first["cutout_view_normalized"],
+        mask=None if first["mask"] is None else torch.stack([i["mask"] for i in items]),
     )
 
 

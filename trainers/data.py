@@ -115,9 +115,11 @@ def build_loaders(
     )
     unlabeled_loader = mix_loader = None
     if views.strong_views:
-        # Unlabeled masks are never read (UniMatch does the same): only the padding matters.
+        # Unlabeled masks are read only for ST++'s saved pseudo-labels (UniMatch never reads them).
         transform = augment.unlabeled_transform(crop, views, ignore_index, cfg.data.scale_range)
-        unlabeled = PairDataset(root, split.unlabeled, transform, with_masks=False, decode=switches.decode)
+        unlabeled = PairDataset(
+            root, split.unlabeled, transform, with_masks=views.masks, decode=switches.decode
+        )
         unlabeled_loader = loader(unlabeled, cfg.seed, collate_unlabeled)
         if views.mix_batch:
             # The published loop zips the same loader twice: same sampler seed, so u' holds the

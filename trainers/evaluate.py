@@ -5,11 +5,12 @@ center_crop, sliding_window). No torch.distributed here: the caller passes a `re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
@@ -120,6 +121,26 @@ def predict(
     """
     _check_mode(mode)
     return _predict(net, image, mode, crop_size, num_classes, window_batch)
+
+
+def predict_multiscale(
+    net: nn.Module, image: torch.Tensor, scales: Sequence[float], flip: bool, num_classes: int
+) -> torch.Tensor:
+    """(B, C, H, W) softmax of a whole normalized (B, 3, H, W) image summed over `scales` (and mirrored).
+
+    ST++'s test-time augmentation (model/semseg/base.py:27-42): each scale resized bilinearly with
+    align_corners=True, its softmax resized back the same way; `flip` adds each scale's mirror image.
+    """
+    b, _, h, w = image.shape
+    total = image.new_zeros(b, num_classes, h, w)
+    for scale in scales:
+        x = F.interpolate(image, size=(int(h * scale), int(w * scale)), mode="bilinear", align_corners=True)
+        # One forward per view, as ST++: at scale 2 a whole Cityscapes image is 4096 x 2048 already.
+        for mirror in (False, True) if flip else (False,):
+            probs = _logits(net, x.flip(-1) if mirror else x, num_classes).softmax(dim=1)
+            probs = probs.flip(-1) if mirror else probs
+            total += F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=True)
+    return total
 
 
 def _check_mode(mode: str) -> None:
