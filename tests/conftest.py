@@ -169,3 +169,38 @@ def learn_chance(learn_root: Path) -> float:
         i, u = intersection_union(torch.zeros_like(mask), mask, SYNTH_CLASSES, 255)
         inter, union = inter + i, union + u
     return miou(inter, union)[0]
+
+
+@pytest.fixture
+def learn_config(make_tiny_config: Callable[..., TrainConfig], learn_root: Path, tmp_path: Path) -> Callable:
+    """A 2-epoch run of `method` (the `method:` section) on `learn_root`, long enough for U2PL's and PS-MT's
+    teachers to score differently from the student; contiguous tensors, as offline evaluation runs them."""
+
+    def make(**method: Any) -> TrainConfig:
+        return make_tiny_config(
+            tmp_path / "run",
+            data={"root": str(learn_root), "split": "full", "crop_size": 32},
+            method=method,
+            optim={"epochs": 2, "batch_size": 4, "lr": 0.02, "lr_multi": 1.0, "max_iters_per_epoch": 4},
+            fast={"channels_last": False},
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def val_miou() -> Callable[[TrainConfig, Any], float]:
+    """mIoU of a network on `cfg`'s val list, through the loop's own val loader (one process)."""
+    from trainers import dist
+    from trainers.data import val_loader
+    from trainers.datasets import dataset_spec, resolve_split
+    from trainers.evaluate import evaluate
+
+    def score(cfg: TrainConfig, net: Any) -> float:
+        spec = dataset_spec(cfg.data)
+        loader = val_loader(cfg, resolve_split(cfg.data), dist.context(), cfg.fast.decode)
+        return evaluate(
+            net, loader, spec.eval_mode, cfg.data.crop_size, spec.num_classes, spec.ignore_index
+        ).miou
+
+    return score

@@ -8,9 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from trainers import checkpoint as ckpt
 from trainers.batch import LabeledBatch, UnlabeledBatch
-from trainers.config import MethodConfig, load_config
+from trainers.config import ConfigError, MethodConfig, from_dict, load_config
+from trainers.entry import evaluate_checkpoint
+from trainers.evaluate import predict
 from trainers.forward import Forwarder
+from trainers.loop import fit
 from trainers.methods import build_method
 from trainers.methods.common import build_criterion
 from trainers.methods.ema import Clock, EMATeacher
@@ -18,6 +22,7 @@ from trainers.methods.projection import classify, fused
 from trainers.methods.psmt import (
     PSMT,
     PSMTSettings,
+    TeacherMean,
     assisted,
     confidence_weighted_ce,
     cosine_rampup,
@@ -26,6 +31,7 @@ from trainers.methods.psmt import (
     tvat_perturbation,
 )
 from trainers.model import DeepLabV3Plus
+from trainers.network import build_network
 
 IGNORE, SIZE = 255, 33
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +211,40 @@ def test_one_real_step_in_warmup_and_semi_phases():
     other.load_state_dict(method.state_dict())
     assert other.clock == method.clock
     assert torch.equal(next(other.teachers[1].net.parameters()), next(method.teachers[1].net.parameters()))
+
+
+def test_teacher_mean_is_the_mean_of_the_two_teachers_logits():
+    torch.manual_seed(0)
+    first, second = DeepLabV3Plus("tiny", 3).eval(), DeepLabV3Plus("tiny", 3).eval()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(TeacherMean(first, second).eval()(x), (first(x) + second(x)) / 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as validation runs it on a GPU
+            scores = predict(TeacherMean(first, second).eval(), x, "sliding_window", 24, 3)
+    assert scores.shape == (2, 3, SIZE, SIZE) and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("evaluate", ["teachers", "student"])
+def test_validation_and_best_pth_score_the_network_evaluate_names(evaluate, learn_config, val_miou):
+    cfg = learn_config(name="psmt", evaluate=evaluate, warmup_epochs=1, rampup_epochs=0)
+    seen: list[float] = []
+    fit(cfg, report=lambda metrics, path: seen.append(metrics["miou"]), progress=False)
+    state = torch.load(Path(cfg.out_dir) / ckpt.LATEST, weights_only=True)
+    nets = []
+    for weights in (state["model"], *state["method"]["teachers"]):
+        nets.append(build_network(cfg))
+        nets[-1].load_state_dict(weights)
+    scores = {"student": val_miou(cfg, nets[0]), "teachers": val_miou(cfg, TeacherMean(*nets[1:]))}
+    assert scores["teachers"] != scores["student"]  # the run tells the two apart
+    assert seen[-1] == scores[evaluate]  # epoch 1 follows warm-up: the teachers' turn
+    assert evaluate_checkpoint(Path(cfg.out_dir) / ckpt.BEST).result.miou == max(seen)
+
+
+def test_an_unknown_evaluated_network_is_one_error_naming_the_key():
+    with pytest.raises(
+        ConfigError, match=r"^method\.evaluate: expected one of \['student', 'teachers'\], got 'foo'$"
+    ):
+        from_dict(MethodConfig, {"name": "psmt", "evaluate": "foo"})
 
 
 def test_pascal_config_has_the_published_settings():

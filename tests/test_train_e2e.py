@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from trainers import checkpoint as ckpt
 from trainers.batch import ViewSpec
 from trainers.config import ConfigError
 from trainers.data import build_loaders, steps_per_epoch
@@ -123,6 +126,16 @@ def test_supervised_training_reports_evaluates_and_resumes(tiny_config, learn_ro
 
     again = train_local(cfg(6), progress=False)
     assert again.epochs_run == [5]
+
+
+def test_best_pth_of_a_method_without_teacher_scores_what_validation_scored(learn_config, val_miou):
+    cfg = learn_config(name="fixmatch")
+    seen: list[float] = []
+    train_local(cfg, report=lambda metrics, path: seen.append(metrics["miou"]), progress=False)
+    assert evaluate_checkpoint(Path(cfg.out_dir) / ckpt.BEST).result.miou == max(seen)
+    net = build_network(cfg)
+    net.load_state_dict(torch.load(Path(cfg.out_dir) / ckpt.LATEST, weights_only=True)["model"])
+    assert val_miou(cfg, net) == seen[-1]  # the trained network itself
 
 
 def test_corrupt_image_fails_before_training(tiny_config, synthetic_root, tmp_path):

@@ -12,9 +12,11 @@ import torch.multiprocessing as mp
 from gloo import gloo_group
 from torch import nn
 
+from trainers import checkpoint as ckpt
 from trainers import dist
 from trainers.batch import LabeledBatch, UnlabeledBatch
-from trainers.config import MethodConfig, load_config
+from trainers.config import ConfigError, MethodConfig, from_dict, load_config
+from trainers.entry import evaluate_checkpoint
 from trainers.forward import Forwarder
 from trainers.loop import fit
 from trainers.methods import build_method
@@ -35,6 +37,7 @@ from trainers.methods.u2pl import (
     unreliable_percent,
 )
 from trainers.model import DeepLabV3Plus
+from trainers.network import build_network
 
 IGNORE, SIZE = 255, 33
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +229,32 @@ def test_trains_and_resumes_in_the_loop(tiny_config):
     assert latest["method"]["clock"]["done"] == 4
     # The head trains with the network: the optimizer holds its parameters.
     assert not torch.equal(latest["method"]["head"]["0.weight"], state["method"]["head"]["0.weight"])
+
+
+@pytest.mark.parametrize("evaluate", ["teacher", "student"])
+def test_validation_and_best_pth_score_the_network_evaluate_names(evaluate, learn_config, val_miou):
+    cfg = learn_config(name="u2pl", evaluate=evaluate)
+    seen: list[float] = []
+    fit(cfg, report=lambda metrics, path: seen.append(metrics["miou"]), progress=False)
+    state = torch.load(Path(cfg.out_dir) / ckpt.LATEST, weights_only=True)
+    teacher = {
+        k.removeprefix("net."): v for k, v in state["method"]["teacher"].items() if k.startswith("net.")
+    }
+    scores = {}
+    for name, weights in (("student", state["model"]), ("teacher", teacher)):
+        net = build_network(cfg)
+        net.load_state_dict(weights)
+        scores[name] = val_miou(cfg, net)
+    assert scores["teacher"] != scores["student"]  # the run tells the two apart
+    assert seen[-1] == scores[evaluate]  # epoch 1 follows the labeled-only epoch: the teacher's turn
+    assert evaluate_checkpoint(Path(cfg.out_dir) / ckpt.BEST).result.miou == max(seen)
+
+
+def test_an_unknown_evaluated_network_is_one_error_naming_the_key():
+    with pytest.raises(
+        ConfigError, match=r"^method\.evaluate: expected one of \['student', 'teacher'\], got 'foo'$"
+    ):
+        from_dict(MethodConfig, {"name": "u2pl", "evaluate": "foo"})
 
 
 def test_pascal_config_has_the_published_settings():

@@ -60,7 +60,7 @@ class Run:
     spec: DatasetSpec
     method: Method
     net: DeepLabV3Plus
-    """The plain network: what is checkpointed and evaluated."""
+    """The plain network: trained, checkpointed as `model` (`Method.eval_network` picks what is scored)."""
     model: torch.nn.Module
     """`net` and the method's trainable extras as the step calls them (a Forwarder; DDP when distributed)."""
     optimizer: torch.optim.Optimizer
@@ -263,11 +263,16 @@ def train_step(run: Run, batches: tuple, iteration: int) -> dict[str, torch.Tens
 
 
 def validate(run: Run, progress: bool) -> EvalResult:
-    """mIoU of the network on val, each rank scoring its share (BatchNorm buffers of rank 0 first)."""
+    """mIoU of the method's evaluated network (`Method.eval_network`) on val, each rank scoring its share
+    (BatchNorm buffers of rank 0 first)."""
+    net = run.method.eval_network(run.net)
     dist.broadcast_buffers(run.net)
+    if net is not run.net:
+        # Teachers run in train mode on each rank's own batches: their statistics differ across ranks.
+        dist.broadcast_buffers(net)
     with speed.autocast(run.switches, run.ctx.device):
         return evaluate(
-            run.net,
+            net,
             run.loaders.val,
             run.spec.eval_mode,
             run.cfg.data.crop_size,

@@ -86,3 +86,8 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned; called after `setup` when a run resumes."""
+
+    def eval_network(self, net: nn.Module) -> nn.Module:
+        """The network validation scores and best.pth is chosen by: `net`, or modules built from `net`
+        and `state_dict()` alone (trainers.network.load_network rebuilds it from a checkpoint)."""
+        return net

@@ -19,7 +19,7 @@ from torch import nn
 
 from trainers import losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import ConfigError, MethodConfig, at_least, positive, within
+from trainers.config import MethodConfig, at_least, choice, positive, within
 from trainers.forward import plain
 from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
@@ -106,6 +106,19 @@ def psmt_box(height: int, width: int, lam: float) -> torch.Tensor:
 LABELED_VIEWS = ("strong", "weak")
 
 
+class TeacherMean(nn.Module):
+    """PS-MT's evaluated network: the mean of its two teachers' logits (VocCode/train.py:332-333)."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.teachers = nn.ModuleList([first, second])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(teacher 1 + teacher 2) / 2 of the logits at input size, as published (before any softmax)."""
+        first, second = self.teachers
+        return (first(x) + second(x)) / 2
+
+
 @dataclass(frozen=True)
 class PSMTSettings:
     """PS-MT's own `method:` keys; defaults from VocCode/configs/config_deeplab_v3+.json (Pascal)."""
@@ -129,16 +142,18 @@ class PSMTSettings:
     """T-VAT's probe step."""
     eps: float = 2.0
     """T-VAT's perturbation norm."""
+    evaluate: str = "teachers"
+    """The network validated and kept as best.pth: "teachers", the mean of the two teachers' logits, as
+    published (VocCode/train.py:332-333), from the end of warm-up (ours trains only the student in it,
+    then the teachers take its weights); "student", the protocol's."""
 
     def __post_init__(self) -> None:
+        choice("method.evaluate", self.evaluate, dict.fromkeys(("teachers", "student")))
         at_least(self, "method", 0.0, "weight_u", "warmup_epochs", "rampup_epochs")
         within(self, "method", 0.0, 1.0, "ema_keep", "gamma")
         at_least(self, "method", 1, "assist_topk")
         positive(self, "method", "xi", "eps")
-        if self.labeled_view not in LABELED_VIEWS:
-            raise ConfigError(
-                f"method.labeled_view: expected one of {LABELED_VIEWS}, got {self.labeled_view!r}"
-            )
+        choice("method.labeled_view", self.labeled_view, dict.fromkeys(LABELED_VIEWS))
 
 
 @dataclass
@@ -184,6 +199,13 @@ class PSMT(Method):
         for teacher, saved in zip(self.teachers, state["teachers"], strict=True):
             teacher.load_state_dict(saved)
         self.clock = Clock(**state["clock"])
+
+    def eval_network(self, net: nn.Module) -> nn.Module:
+        """The two teachers' mean once warm-up has given them the student's weights, unless `evaluate` is
+        "student"; else `net`."""
+        if self.settings.evaluate == "student" or self.clock.epoch < self.settings.warmup_epochs:
+            return net
+        return TeacherMean(*(teacher.net for teacher in self.teachers))
 
     def step(
         self,

@@ -18,7 +18,7 @@ from torch import nn
 
 from trainers import dist, losses
 from trainers.batch import LabeledBatch, UnlabeledBatch, ViewSpec
-from trainers.config import ConfigError, MethodConfig, at_least, positive, within
+from trainers.config import ConfigError, MethodConfig, at_least, choice, positive, within
 from trainers.methods.base import Method, StepOutput
 from trainers.methods.common import Criterion, build_criterion, detached
 from trainers.methods.ema import Clock, EMATeacher, ema_update, student_network, warmup_decay
@@ -242,8 +242,12 @@ class U2PLSettings:
     background_queue_size: int = 50_000
     """Class 0's queue, as published."""
     contrast: Contrast = field(default_factory=Contrast)
+    evaluate: str = "teacher"
+    """The network validated and kept as best.pth: "teacher", the EMA teacher once the labeled-only epochs
+    are over (the student during them), as published (train_semi.py:205-208); "student", the protocol's."""
 
     def __post_init__(self) -> None:
+        choice("method.evaluate", self.evaluate, dict.fromkeys(("teacher", "student")))
         at_least(self, "method", 0, "sup_only_epochs", "weight_u", "weight_contrast")
         within(self, "method", 0.0, 1.0, "ema_decay", "cutmix_p")
         within(self, "method", 0.0, 100.0, "drop_percent", "alpha_0")
@@ -301,6 +305,13 @@ class U2PL(Method):
         self.teacher.load_state_dict(state["teacher"])
         self.student["head"].load_state_dict(state["head"])
         self.clock = Clock(**state["clock"])
+
+    def eval_network(self, net: nn.Module) -> nn.Module:
+        """The teacher's network after the labeled-only epochs unless `evaluate` is "student"; else `net`."""
+        trained = self.clock.epoch - 1  # validation follows the last step of this epoch
+        if self.settings.evaluate == "student" or trained < self.settings.sup_only_epochs:
+            return net
+        return self.teacher.net["net"]
 
     def step(
         self,
