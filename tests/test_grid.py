@@ -22,7 +22,9 @@ from semiseg import cli, launch, tables, tracking
 from semiseg.grid import load_grid
 from semiseg.trial import open_run
 
-from trainers.config import ConfigError, TrainConfig, from_dict
+from trainers import recipes
+from trainers.config import ConfigError, TrainConfig, flatten, from_dict
+from trainers.entry import plan
 from trainers.methods import METHODS
 from trainers.methods.psmt import PSMTSettings
 
@@ -77,7 +79,7 @@ def test_shipped_grids_load_and_expand(path):
 
 
 def test_pascal_grid_is_the_seed_table_with_its_hyperparameters():
-    grid = load_grid(REPO / "experiments" / "pascal.yaml")
+    grid = load_grid(REPO / "experiments" / "pascal-unified.yaml")
     assert grid.axes["method"] == ["supervised", "u2pl", "stpp", "psmt", "unimatch", "mspl"]
     # Only PS-MT's own settings differ from the shared protocol, and only in its trials' method section;
     # its weight is the published one of each split.
@@ -102,6 +104,66 @@ def test_pascal_grid_is_the_seed_table_with_its_hyperparameters():
         10.0,
         0.95,
     )
+
+
+def test_published_pascal_runs_each_method_on_its_own_recipe_and_unified_on_one():
+    published = load_grid(REPO / "experiments" / "pascal.yaml")
+    unified = load_grid(REPO / "experiments" / "pascal-unified.yaml")
+    assert (published.protocol, unified.protocol) == ("published", "unified")
+    table = recipes.recipes("pascal")
+    for ours, theirs in zip(published.trials, unified.trials, strict=True):
+        assert ours.axes == theirs.axes
+        mine, other = (flatten(t.config.to_dict()) for t in (ours, theirs))
+        changed = {k for k in mine if mine[k] != other[k] and k != "out_dir"}
+        recipe = flatten(table[ours.axes["method"]])
+        # Exactly the recipe's keys differ (where the unified base did not already hold its value).
+        assert changed == {k for k in recipe if other[k] != recipe[k]}
+        assert all(mine[k] == v for k, v in recipe.items())
+    # Under unified every method shares the base's data, model and optim sections.
+    assert (
+        len(
+            {
+                (t.config.data, t.config.model, t.config.optim)
+                for t in unified.trials
+                if t.axes["split"] == "92"
+            }
+        )
+        == 1
+    )
+    by_key = {t.key: t.config for t in published.trials}
+    supervised, u2pl = by_key["pascal_92_supervised_seed0"], by_key["pascal_92_u2pl_seed0"]
+    assert (supervised.data.epoch_over, supervised.optim.epochs) == ("labeled", 80)
+    assert plan(supervised, published.workers)[0].steps == 80 * 11  # UniMatch supervised.py: 92 / 4 / 2
+    assert (u2pl.data.crop_size, u2pl.model.output_stride, u2pl.model.dilations) == (513, 8, (12, 24, 36))
+    assert by_key["pascal_92_psmt_seed0"].optim.decay_norm_and_bias is False
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"protocol": "paper"}, "protocol: expected one of ['unified', 'published'], got 'paper'"),
+        ({"protocol": "published"}, "protocol: published: no published recipes for dataset 'synthetic'"),
+    ],
+)
+def test_a_bad_protocol_is_one_error_naming_it(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_grid(write(tmp_path, tiny_grid(tmp_path, **change)))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ({"method": {"conf_thresh": 0.5}}, "fixmatch.method: a recipe sets only ['data', 'model', 'optim']"),
+        ({"optim": {"epochs": 0}}, "fixmatch.optim.epochs: expected > 0, got 0"),
+        (None, "fixmatch: expected a mapping of data/model/optim keys, got None"),
+    ],
+)
+def test_a_bad_recipe_file_is_one_error_naming_file_and_key(tmp_path, recipe, message):
+    table = dict(recipes.recipes("pascal"), fixmatch=recipe)
+    path = tmp_path / "pascal.yaml"
+    path.write_text(yaml.safe_dump(table))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        recipes.read_recipes(path)
 
 
 def test_a_per_split_setting_reaches_its_trials_and_mlflow_records_each(tmp_path):
@@ -156,9 +218,9 @@ def test_tracking_uri_from_the_environment_wins(tmp_path, monkeypatch):
 def test_dry_run_prints_every_resolved_trial_config_and_starts_nothing(tmp_path, monkeypatch, capsys):
     import ray
 
-    monkeypatch.chdir(tmp_path)  # pascal's storage is runs/pascal under the working directory
+    monkeypatch.chdir(tmp_path)  # the grid's storage is runs/<name> under the working directory
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    path = REPO / "experiments" / "pascal.yaml"
+    path = REPO / "experiments" / "pascal-unified.yaml"
     cli.main(["grid", str(path), "--dry-run"])  # returns (exit code 0) instead of running anything
 
     out = capsys.readouterr().out

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainers import recipes
 from trainers.config import (
     ConfigError,
     DataConfig,
@@ -27,6 +28,7 @@ from trainers.config import (
     load_yaml,
     merge,
 )
+from trainers.recipes import PROTOCOLS
 from trainers.synth import SynthOptions
 
 AXES = {
@@ -68,8 +70,13 @@ class GridFile:
     """Default: as many trials as the cluster holds workers for."""
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Method name -> keys of the `method:` section for that method's trials only."""
+    protocol: str = "unified"
+    """unified: every method on `base`'s recipe; published: each method's own paper's recipe over it
+    (trainers/published_recipes/<dataset>.yaml, see trainers.recipes)."""
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol: expected one of {list(PROTOCOLS)}, got {self.protocol!r}")
         if self.name is None:
             raise ConfigError("name: missing (expected str)")
         if not NAME.match(self.name):
@@ -117,7 +124,10 @@ class Grid:
     max_concurrent_trials: int | None
     method_settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Method name -> keys of the `method:` section for that method's trials only (its paper's loss
-    weights and thresholds); schedule, crop, backbone and evaluation stay the base's for every method."""
+    weights and thresholds)."""
+    protocol: str = "unified"
+    """unified: schedule, crop, batch, backbone and evaluation are the base's for every method;
+    published: each method's own (trainers.recipes)."""
     trials: tuple[Trial, ...] = ()
     """Every combination of the axes, validated (see `expand`)."""
 
@@ -176,6 +186,7 @@ def _build(path: Path, spec: GridFile) -> Grid:
         dataclasses.asdict(spec.synth) if spec.synth is not None else None,
         spec.max_concurrent_trials,
         spec.method_settings,
+        spec.protocol,
     )
     return dataclasses.replace(grid, trials=expand(grid))
 
@@ -282,7 +293,8 @@ def _trial(grid: Grid, values: dict[str, Any], root: str) -> Trial:
         overrides = merge(overrides, _nested(AXES[axis], value))
     settings = grid.method_settings.get(values["method"], {})
     split_keys = settings.get(BY_SPLIT, {}).get(values["split"], {})
-    base = merge(grid.base, {"method": merge(own_keys(settings), split_keys)})
+    recipe = recipes.apply(grid.protocol, grid.base, values["dataset"], values["method"])
+    base = merge(recipe, {"method": merge(own_keys(settings), split_keys)})
     return Trial(key, values, from_dict(TrainConfig, merge(base, overrides), "base"))
 
 
@@ -326,18 +338,33 @@ def plan(grid: Grid) -> str:
     device = "GPU" if grid.use_gpu else "CPU"
     lines = [
         f"# grid {grid.name} ({grid.path}): {len(grid.trials)} trials ({sizes}), {grid.workers} worker(s) "
-        f"per trial on {device}; storage {grid.storage}; dry run: nothing started or written"
+        f"per trial on {device}, protocol {grid.protocol}; storage {grid.storage}; dry run: nothing "
+        "started or written"
     ]
     for number, trial in enumerate(grid.trials, 1):
         lines.append(f"--- # trial {number}/{len(grid.trials)}: {trial.key}")
-        lines += [f"# {line}" for line in schedule(trial.config, grid.workers)]
+        lines += [f"# {line}" for line in schedule(trial.config, grid.workers, grid.use_gpu)]
         lines.append(yaml.safe_dump(trial.config.to_dict(), sort_keys=False).rstrip("\n"))
     return "\n".join(lines)
 
 
-def schedule(cfg: TrainConfig, workers: int) -> list[str]:
+SECONDS_PER_STEP = 14 * 60 / 1245
+"""GPU seconds per step of 2 + 2 images per GPU at crop 321: the seed's timing of UniMatch/MSPL on Pascal
+(one 92-label epoch, 1,245 steps on 4 GPUs, about 14 minutes plus 3 of evaluation). Not measured here:
+no GPU images/s has been measured for these models on this platform yet."""
+
+
+def gpu_hours(cfg: TrainConfig, steps: int, workers: int) -> float:
+    """An estimate of a training's GPU-hours from `SECONDS_PER_STEP`, scaled by crop area and per-GPU
+    batch (a method's own step cost, e.g. MSPL's three strong views, is not modelled; evaluation not
+    counted)."""
+    scale = (cfg.data.crop_size / 321) ** 2 * cfg.optim.batch_size / 2
+    return steps * SECONDS_PER_STEP * scale * workers / 3600
+
+
+def schedule(cfg: TrainConfig, workers: int, use_gpu: bool = False) -> list[str]:
     """A trial's trainings with their optimizer steps, one line each (several for a multi-stage method),
-    then the total. No time estimate: no GPU images/s has been measured for these models yet."""
+    then the total; on GPU with an estimate of the GPU-hours (see `gpu_hours`)."""
     from trainers.entry import plan
 
     stages = plan(cfg, workers)
@@ -357,5 +384,10 @@ def schedule(cfg: TrainConfig, workers: int) -> list[str]:
             f"total: {sum(steps):,} steps"
             if None not in steps
             else "total: known once every stage's lists exist"
+        )
+    if use_gpu and None not in steps:
+        hours = gpu_hours(cfg, sum(steps), workers)
+        lines.append(
+            f"about {hours:,.1f} GPU-hours (estimated from the seed's published step time: gpu_hours)"
         )
     return lines
