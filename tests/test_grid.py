@@ -145,9 +145,12 @@ def test_published_pascal_runs_each_method_on_its_own_recipe_and_unified_on_one(
         ({"protocol": "published"}, "protocol: published: no published recipes for dataset 'synthetic'"),
     ],
 )
-def test_a_bad_protocol_is_one_error_naming_it(tmp_path, change, message):
+def test_a_bad_protocol_is_one_error_naming_it(tmp_path, monkeypatch, change, message):
+    monkeypatch.setattr(recipes, "RECIPES", tmp_path / "no_recipes")  # a dataset without a recipe file
+    recipes.recipes.cache_clear()
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_grid(write(tmp_path, tiny_grid(tmp_path, **change)))
+    recipes.recipes.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -503,9 +506,10 @@ def test_grid_console_is_a_status_line_per_trial_and_the_table(tiny_grid_run):
 
 @pytest.fixture(scope="module")
 def methods_grid_run(ray_cluster, tmp_path_factory) -> Finished:
-    """U2PL, ST++ and PS-MT on split 1_2 through `semiseg grid --verbose`, joining the module's cluster."""
+    """U2PL, ST++ and PS-MT on split 1_2 through `semiseg grid --verbose` under the published protocol
+    (trainers/published_recipes/synthetic.yaml), joining the module's cluster."""
     tmp = tmp_path_factory.mktemp("methods_grid_run")
-    raw = tiny_grid(tmp, axes={"method": ["u2pl", "stpp", "psmt"]})
+    raw = tiny_grid(tmp, axes={"method": ["u2pl", "stpp", "psmt"]}, protocol="published")
     raw["base"]["data"]["split"] = "1_2"
     raw["method_settings"] = {"psmt": {"conf_thresh": 0.6, "weight_u": 0.6}}
     path = write(tmp, raw)
@@ -530,6 +534,9 @@ def test_u2pl_stpp_and_psmt_train_through_the_grid_into_the_table(methods_grid_r
     assert all(c.info.status == "FINISHED" and "miou" in c.data.metrics for c in children.values())
     psmt = next(c for c in children.values() if c.data.tags["method"] == "psmt")
     assert (psmt.data.params["method.conf_thresh"], psmt.data.params["method.weight_u"]) == ("0.6", "0.6")
+    # The published protocol's recipe reached the trial: PS-MT without BN/bias weight decay.
+    decay = {c.data.tags["method"]: c.data.params["optim.decay_norm_and_bias"] for c in children.values()}
+    assert decay == {"u2pl": "True", "stpp": "True", "psmt": "False"}
     table = tables.build(grid.tracking_uri, grid.name, tmp_path / "table", log_artifacts=False)
     # The table's rows follow the seed table's order, and every cell holds its trial's mIoU.
     assert [c.method for c in table.cells] == ["u2pl", "stpp", "psmt"]
