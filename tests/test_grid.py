@@ -158,15 +158,111 @@ def test_a_bad_protocol_is_one_error_naming_it(tmp_path, monkeypatch, change, me
     [
         ({"method": {"conf_thresh": 0.5}}, "fixmatch.method: a recipe sets only ['data', 'model', 'optim']"),
         ({"optim": {"epochs": 0}}, "fixmatch.optim.epochs: expected > 0, got 0"),
-        (None, "fixmatch: expected a mapping of data/model/optim keys, got None"),
+        ([], "fixmatch: expected a mapping of data/model/optim keys, got []"),
+        (..., "fixmatch: missing (a mapping of data/model/optim keys, or null where the method publishes"),
     ],
 )
 def test_a_bad_recipe_file_is_one_error_naming_file_and_key(tmp_path, recipe, message):
     table = dict(recipes.recipes("pascal"), fixmatch=recipe)
+    if recipe is ...:  # the method's key absent: null says "no published recipe", absence is an error
+        del table["fixmatch"]
     path = tmp_path / "pascal.yaml"
     path.write_text(yaml.safe_dump(table))
     with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
         recipes.read_recipes(path)
+
+
+def test_a_method_without_a_published_recipe_is_refused_under_published_only(tmp_path, monkeypatch):
+    """A null entry reads (its repository publishes no recipe for the dataset); a grid expanding one of its
+    trials under `published` is one error naming method, dataset and file, not a run of the unified recipe."""
+    table = dict(recipes.recipes("synthetic"), fixmatch=None)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "synthetic.yaml").write_text(yaml.safe_dump(table))
+    monkeypatch.setattr(recipes, "RECIPES", tmp_path / "recipes")
+    recipes.recipes.cache_clear()
+    try:
+        assert recipes.recipes("synthetic")["fixmatch"] is None
+        message = (
+            "protocol: published: fixmatch publishes no synthetic recipe "
+            "(trainers/published_recipes/synthetic.yaml)"
+        )
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_grid(write(tmp_path, tiny_grid(tmp_path, protocol="published")))
+        # supervised alone still runs on its recipe; under unified the null entry is never read.
+        only = load_grid(
+            write(tmp_path, tiny_grid(tmp_path, protocol="published", axes={"method": ["supervised"]}))
+        )
+        assert {t.config.data.epoch_over for t in only.trials} == {"labeled"}
+        assert len(load_grid(write(tmp_path, tiny_grid(tmp_path, protocol="unified"))).trials) == 4
+    finally:
+        recipes.recipes.cache_clear()
+
+
+def test_published_cityscapes_and_coco_recipes_are_the_repositories_values():
+    """Each entry against the values trainers/published_recipes/{cityscapes,coco}.yaml cites (UniMatch
+    configs/cityscapes.yaml, configs/coco.yaml; U2PL experiments/cityscapes/744/ours/config.yaml;
+    ST-PlusPlus main.py:325-329; MSP_CCL's recipe is the unified base); null where none is published."""
+    city, coco = (
+        flatten({k: v for k, v in recipes.recipes(d).items() if v is not None})
+        for d in ("cityscapes", "coco")
+    )
+    assert {k: city[k] for k in city if k.startswith("supervised.")} == {
+        "supervised.data.crop_size": 801,
+        "supervised.data.epoch_over": "labeled",
+        "supervised.optim.epochs": 240,
+    }
+    for method in ("fixmatch", "unimatch"):
+        assert (city[f"{method}.data.crop_size"], city[f"{method}.optim.epochs"]) == (801, 240)
+        assert (coco[f"{method}.model.backbone"], coco[f"{method}.optim.epochs"]) == ("xception65", 30)
+    assert recipes.recipes("cityscapes")["mspl"] == recipes.recipes("coco")["mspl"] == {}
+    assert recipes.recipes("cityscapes")["u2pl"] == {
+        "data": {"crop_size": 769},
+        "model": {"output_stride": 8, "dilations": [12, 24, 36]},
+        "optim": {
+            "epochs": 200,
+            "batch_size": 4,
+            "reference_global_batch": 16,
+            "lr": 0.01,
+            "weight_decay": 0.0005,
+        },
+    }
+    assert (city["stpp.data.crop_size"], city["stpp.optim.epochs"], city["stpp.optim.lr"]) == (
+        721,
+        240,
+        0.004,
+    )
+    assert (city["stpp.optim.lr_multi"], city["stpp.model.output_stride"]) == (10.0, 8)
+    assert recipes.recipes("cityscapes")["psmt"] is None
+    assert [m for m, r in recipes.recipes("coco").items() if r is None] == ["u2pl", "stpp", "psmt"]
+
+
+def test_published_cityscapes_grid_expands_each_method_on_its_recipe(tmp_path):
+    """experiments/cityscapes.yaml under `published`: every method with a recipe trains on the base plus
+    exactly its recipe (global batch 16 and lr 0.01 for U2PL); PS-MT is refused, naming the file."""
+    raw = yaml.safe_load((REPO / "experiments" / "cityscapes.yaml").read_text())
+    raw.update(
+        protocol="published",
+        axes={"method": ["supervised", "unimatch", "mspl", "u2pl", "stpp"], "split": ["1_16"]},
+    )
+    grid = load_grid(write(tmp_path, raw))
+    by_method = {t.axes["method"]: t.config for t in grid.trials}
+    assert (by_method["mspl"].data.crop_size, by_method["mspl"].optim.epochs) == (513, 300)
+    assert (by_method["unimatch"].data.crop_size, by_method["unimatch"].optim.epochs) == (801, 240)
+    u2pl = by_method["u2pl"]
+    assert (u2pl.optim.batch_size * grid.workers, u2pl.optim.reference_global_batch, u2pl.optim.lr) == (
+        16,
+        16,
+        0.01,
+    )
+    assert (u2pl.model.output_stride, u2pl.optim.lr_multi, u2pl.method.criterion) == (8, 1.0, "ohem")
+    assert (by_method["stpp"].optim.lr, by_method["stpp"].optim.lr_multi) == (0.004, 10.0)
+    raw["axes"]["method"] = ["psmt"]
+    message = (
+        "protocol: published: psmt publishes no cityscapes recipe "
+        "(trainers/published_recipes/cityscapes.yaml)"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_grid(write(tmp_path, raw))
 
 
 def test_a_per_split_setting_reaches_its_trials_and_mlflow_records_each(tmp_path):

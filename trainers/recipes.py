@@ -27,8 +27,8 @@ def datasets_with_recipes() -> list[str]:
 
 
 @cache
-def recipes(dataset: str) -> dict[str, dict[str, Any]]:
-    """Method name -> its published recipe on `dataset` (see `read_recipes`)."""
+def recipes(dataset: str) -> dict[str, dict[str, Any] | None]:
+    """Method name -> its published recipe on `dataset`, None where it publishes none (see `read_recipes`)."""
     path = RECIPES / f"{dataset}.yaml"
     if not path.is_file():
         raise ConfigError(
@@ -38,14 +38,22 @@ def recipes(dataset: str) -> dict[str, dict[str, Any]]:
     return read_recipes(path)
 
 
-def read_recipes(path: Path) -> dict[str, dict[str, Any]]:
+def read_recipes(path: Path) -> dict[str, dict[str, Any] | None]:
     """A recipe file, every method's entry checked; one ConfigError naming the file and the key (a method
-    missing, a section a recipe may not set, a value its TrainConfig key refuses)."""
+    missing, a section a recipe may not set, a value its TrainConfig key refuses). Every method must be
+    present; `null` says its repository publishes no recipe for the dataset."""
     from trainers.methods import METHODS
 
     table = load_yaml(path)
     for method in METHODS:
-        recipe = table.get(method)
+        if method not in table:
+            raise ConfigError(
+                f"{path}: {method}: missing (a mapping of data/model/optim keys, or null where the "
+                f"method publishes no recipe for this dataset)"
+            )
+        recipe = table[method]
+        if recipe is None:
+            continue
         if not isinstance(recipe, dict):
             raise ConfigError(
                 f"{path}: {method}: expected a mapping of data/model/optim keys, got {recipe!r}"
@@ -62,7 +70,16 @@ def read_recipes(path: Path) -> dict[str, dict[str, Any]]:
 
 def apply(protocol: str, base: dict[str, Any], dataset: str, method: str) -> dict[str, Any]:
     """`base` (a partial TrainConfig) with `method`'s recipe on `dataset` merged in under `published`,
-    unchanged under `unified`."""
+    unchanged under `unified`; one ConfigError under `published` where the method publishes no recipe
+    for `dataset`."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
-    return base if protocol == "unified" else merge(base, recipes(dataset)[method])
+    if protocol == "unified":
+        return base
+    recipe = recipes(dataset)[method]
+    if recipe is None:
+        raise ConfigError(
+            f"protocol: published: {method} publishes no {dataset} recipe "
+            f"(trainers/published_recipes/{dataset}.yaml)"
+        )
+    return merge(base, recipe)
