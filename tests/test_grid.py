@@ -23,7 +23,7 @@ from semiseg.grid import load_grid
 from semiseg.trial import open_run
 
 from trainers import recipes
-from trainers.config import ConfigError, TrainConfig, flatten, from_dict
+from trainers.config import ConfigError, TrainConfig, flatten, from_dict, load_yaml
 from trainers.entry import plan
 from trainers.methods import METHODS
 from trainers.methods.psmt import PSMTSettings
@@ -726,3 +726,13 @@ def test_interrupted_grid_resumes_without_rerunning_finished_trials(tmp_path):
     assert resumed == list(range(resumed[0], EPOCHS))
     # Every epoch in MLflow once; one committed but unlogged at the interrupt is backfilled at the end.
     assert sorted(step for step, _, _ in _history(mlflow, after[started].info.run_id)) == list(range(EPOCHS))
+
+
+def test_a_recipes_paths_are_absolute_in_its_trials(tmp_path, monkeypatch):
+    # Trials run in their own folders, so COCO's published Xception weights resolve as base's paths do.
+    monkeypatch.chdir(tmp_path)
+    raw = load_yaml(REPO / "experiments" / "coco.yaml") | {"protocol": "published"}
+    raw["axes"] = {"method": ["unimatch"], "split": raw["axes"]["split"][:1]}
+    raw.pop("method_settings", None)
+    grid = load_grid(write(tmp_path, raw))
+    assert {t.config.model.pretrained for t in grid.trials} == {str(tmp_path / "pretrained" / "xception.pth")}

@@ -202,6 +202,11 @@ def _base(raw: Any, axes: dict[str, list[Any]]) -> dict[str, Any]:
         from_dict(TrainConfig, raw if method is None else merge(raw, {"method": {"name": method}}), "base")
     if "out_dir" in raw:
         raise ConfigError("base.out_dir: set by the grid (each trial writes under storage/trials/)")
+    return absolute_paths(raw)
+
+
+def absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with its PATH_KEYS resolved against the working directory."""
     out = raw
     for section, key in PATH_KEYS:
         value = raw.get(section, {}).get(key)
@@ -293,7 +298,8 @@ def _trial(grid: Grid, values: dict[str, Any], root: str) -> Trial:
         overrides = merge(overrides, _nested(AXES[axis], value))
     settings = grid.method_settings.get(values["method"], {})
     split_keys = settings.get(BY_SPLIT, {}).get(values["split"], {})
-    recipe = recipes.apply(grid.protocol, grid.base, values["dataset"], values["method"])
+    # A recipe's paths (COCO's Xception weights) resolve as base's do: trials run in their own folders.
+    recipe = absolute_paths(recipes.apply(grid.protocol, grid.base, values["dataset"], values["method"]))
     base = merge(recipe, {"method": merge(own_keys(settings), split_keys)})
     return Trial(key, values, from_dict(TrainConfig, merge(base, overrides), "base"))
 
